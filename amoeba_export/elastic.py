@@ -1,0 +1,151 @@
+"""ElasticModel: base weights + Strategy (+ Adapter), with the masked reference forward.
+
+The masked forward is the ground truth every exported artifact is checked against. It runs the
+unmodified base model and only *masks*: skipped decoder blocks leave the residual untouched, the
+inputs of o_proj and down_proj are zeroed on pruned heads and channels (that is what removing them
+means, under MHA and GQA alike), the compensation biases are added to their outputs, and the adapter
+is applied unmerged (`y += s·B(Ax)`). Nothing here slices a weight, so a slicing or merging bug in
+materialize cannot hide in the reference.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .adapter import PROJECTIONS, Adapter
+from .base_model import model_info, resolve_model, weight_files
+from .errors import UserError
+from .io import read_json
+from .shapes import Shape
+from .strategy import LayerWidth, Strategy
+
+
+class WeightSource:
+    """Memory-mapped, lazily read base weights: one tensor in memory at a time."""
+
+    def __init__(self, model_dir: Path):
+        self._files = {}
+        self._where: dict[str, Path] = {}
+        for f in weight_files(model_dir):
+            handle = safe_open(str(f), framework="pt")
+            self._files[f] = handle
+            for name in handle.keys():
+                self._where[name] = f
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise UserError(f"the base model has no tensor {name!r}")
+        return self._files[self._where[name]].get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._files[self._where[name]].get_slice(name).get_shape())
+
+
+class ElasticModel:
+    def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None):
+        self.dir = resolve_model(model)
+        self.config = read_json(self.dir / "config.json")
+        self.info = model_info(self.dir)
+        self.strategy = strategy
+        if strategy is not None:
+            strategy.check_model(self.info)
+        self.adapter = adapter
+        self.weights = WeightSource(self.dir)
+        self._hf = None
+
+    # ------------------------------------------------------------- the model
+    @property
+    def n_layers(self) -> int:
+        return self.info["n_layers"]
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.weights
+
+    def hf_model(self):
+        """The unmodified base model in fp32 (loaded once), used by the masked forward."""
+        if self._hf is None:
+            from transformers import AutoModelForCausalLM
+
+            self._hf = AutoModelForCausalLM.from_pretrained(self.dir, dtype=torch.float32).eval()
+        return self._hf
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.dir)
+
+    def shape_plan(self, shape: Shape) -> tuple[list[int], list[LayerWidth]]:
+        if self.strategy is None:
+            raise UserError("no strategy: run `amoeba-export calibrate` or pass --strategy DIR")
+        shape = self.strategy.resolve(shape)
+        return self.strategy.layers(shape.depth), self.strategy.width(shape.width)
+
+    # ---------------------------------------------------------- masked forward
+    @contextlib.contextmanager
+    def masked(self, layers: list[int] | None = None, width: list[LayerWidth] | None = None, shape: Shape | None = None):
+        """The base model with only `layers` active, `width` masks and biases, and the adapter at `shape`."""
+        model = self.hf_model()
+        blocks = model.model.layers
+        kept = list(range(len(blocks))) if layers is None else list(layers)
+        head_dim = self.info["head_dim"]
+        hooks = []
+
+        def premask(mask):
+            return lambda mod, args: (args[0] * mask,) + tuple(args[1:])
+
+        def add(vec):
+            return lambda mod, args, out: out + vec
+
+        def lora(delta):
+            return lambda mod, args, out: out + delta.apply(args[0])
+
+        try:
+            for i in kept:
+                block = blocks[i]
+                if width is not None:
+                    lw = width[i]
+                    heads = torch.from_numpy(np.repeat(lw.q_heads, head_dim).astype(np.float32))
+                    chans = torch.from_numpy(lw.channels.astype(np.float32))
+                    o, down = block.self_attn.o_proj, block.mlp.down_proj
+                    hooks += [o.register_forward_pre_hook(premask(heads)), down.register_forward_pre_hook(premask(chans))]
+                    hooks += [o.register_forward_hook(add(torch.from_numpy(lw.o_bias))),
+                              down.register_forward_hook(add(torch.from_numpy(lw.down_bias)))]
+                if self.adapter is not None and shape is not None:
+                    for proj in PROJECTIONS:
+                        delta = self.adapter.delta(shape, i, proj)
+                        if delta is not None:
+                            hooks.append(_projection(block, proj).register_forward_hook(lora(delta)))
+            model.model.layers = torch.nn.ModuleList([blocks[i] for i in kept])
+            yield model
+        finally:
+            model.model.layers = blocks
+            for h in hooks:
+                h.remove()
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, shape: Shape | None = None) -> torch.Tensor:
+        """Reference logits of `shape` (the unpruned base model when shape is None)."""
+        if shape is None:
+            return self.hf_model()(input_ids=input_ids, use_cache=False).logits
+        layers, width = self.shape_plan(shape)
+        with self.masked(layers, width, self.strategy.resolve(shape)) as m:
+            return m(input_ids=input_ids, use_cache=False).logits
+
+    def logits_fn(self, shape: Shape | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda ids: self.logits(ids, shape)
+
+
+def _projection(block, proj: str) -> torch.nn.Module:
+    return getattr(block.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, proj)

@@ -1,0 +1,109 @@
+"""The PyTorch flow: a Hugging Face directory (config.json, safetensors, tokenizer, generation config).
+
+Uniform shapes use the stock `LlamaForCausalLM` (no custom code; formats.md §2.1: explicit
+`head_dim`, both RoPE spellings, zero q/k/v and gate/up biases where the bias flags require them).
+Per-layer shapes use `amoeba_llama` from `amoeba_export.modeling`, registered with the Auto
+classes when `amoeba_export` is imported.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..io import write_json, write_safetensors_stream
+from ..materialize import DenseModel
+
+NAME = "pytorch"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+# Base-config fields carried over unchanged when present.
+KEEP = ("vocab_size", "hidden_size", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "attention_dropout")
+
+
+def rope(config: dict) -> tuple[float, dict | None]:
+    """(theta, legacy rope_scaling or None) from a v4 or v5 config."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None) or config.get("rope_theta") or 10000.0
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    return float(theta), scaling
+
+
+def hf_config(dense: DenseModel) -> dict:
+    base = dense.config
+    first = dense.layers[0]
+    theta, scaling = rope(base)
+    dtype = str(dense.dtype).removeprefix("torch.")
+    cfg = {k: base[k] for k in KEEP if k in base}
+    cfg.update(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        num_hidden_layers=len(dense.layers),
+        num_attention_heads=first.n_heads,
+        num_key_value_heads=first.n_kv_heads,
+        head_dim=first.head_dim,
+        intermediate_size=first.n_ff,
+        attention_bias=first.attn_bias,
+        mlp_bias=first.mlp_bias,
+        tie_word_embeddings=dense.tied,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_parameters={"rope_theta": theta, "rope_type": "default", **(scaling or {})},
+        torch_dtype=dtype,
+        dtype=dtype,
+    )
+    cfg.setdefault("hidden_act", "silu")
+    if not dense.uniform:
+        cfg.update(
+            architectures=["AmoebaLlamaForCausalLM"],
+            model_type="amoeba_llama",
+            num_attention_heads=max(s.n_heads for s in dense.layers),
+            num_key_value_heads=max(s.n_kv_heads for s in dense.layers),
+            intermediate_size=max(s.n_ff for s in dense.layers),
+            layer_specs=[
+                {"num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
+                 "intermediate_size": s.n_ff, "attention_bias": s.attn_bias, "mlp_bias": s.mlp_bias}
+                for s in dense.layers
+            ],
+        )
+    return cfg
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
+    out_dir = Path(out_dir)
+    write_json(out_dir / "config.json", hf_config(dense))
+    files = ["config.json"]
+    files += write_safetensors_stream(out_dir, dense.tensor_specs(), dense.tensors(), dense.dtype)
+    files += copy_tokenizer(tokenizer_dir, out_dir)
+    return files
+
+
+def load(out_dir: Path):
+    """transformers loads the directory (stock class, or amoeba_llama once amoeba_export is imported)."""
+    from transformers import AutoModelForCausalLM
+
+    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False).logits
+
+    return logits

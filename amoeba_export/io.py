@@ -1,0 +1,151 @@
+"""File discipline shared by every pass: checked reads, atomic directory writes, stable JSON.
+
+Outputs are built in a temporary directory beside the destination and renamed into place only when
+complete, so an interrupted run never leaves an artifact that looks finished. Reads of
+safetensors and JSON turn truncation and corruption into one-line `UserError`s.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+
+import numpy as np
+from pathlib import Path
+
+from .errors import UserError
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"corrupt JSON in {path}: {e}") from None
+
+
+def dumps_json(obj) -> str:
+    """Deterministic JSON (sorted keys, fixed separators, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(dumps_json(obj))
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Checks that the header is well-formed and that the file holds every byte the header promises,
+    so a truncated download is caught here instead of as a crash deep inside a forward pass.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"missing file {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise UserError(f"corrupt safetensors file {path}: too short")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100 * 2**20):
+            raise UserError(f"corrupt safetensors file {path}: bad header length")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"corrupt safetensors file {path}: unreadable header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"truncated safetensors file {path}: {size} bytes, header needs {8 + n + end}")
+    return header
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, overwrite: bool = True):
+    """Yield a temporary directory beside `dest`; rename it to `dest` when the block completes."""
+    dest = Path(dest).resolve()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists() and not overwrite:
+        raise UserError(f"{dest} exists; pass --force to replace it")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+
+
+def _st_dtype(dtype) -> str:
+    return _ST_DTYPES[str(dtype).removeprefix("torch.")]
+
+
+def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_bytes: int = 4 << 30) -> list[str]:
+    """Write tensors to safetensors shards as they stream in, never holding more than one.
+
+    `specs` lists (name, shape) in the order `tensors` yields them, so every header can be written
+    before any data. One file `model.safetensors` when it fits in `max_shard_bytes`, else HF-style
+    shards plus `model.safetensors.index.json`. Returns the file names written.
+    """
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards, current, size = [], [], 0
+    for name, shape in specs:
+        n = itemsize * int(np.prod(shape, dtype=np.int64)) if shape else itemsize
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, tuple(shape), n))
+        size += n
+    shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
+    ]
+    stream = iter(tensors)
+    weight_map, total = {}, 0
+    for fname, shard in zip(names, shards):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, n in shard:
+            header[name] = {"dtype": _st_dtype(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[name] = fname
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(Path(directory) / fname, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, shape, n in shard:
+                got_name, t = next(stream)
+                if got_name != name or tuple(t.shape) != shape or t.dtype != dtype:
+                    raise RuntimeError(f"tensor stream out of plan: got {got_name} {tuple(t.shape)} {t.dtype}, planned {name} {shape}")
+                if t.numel():  # a fresh row-major buffer: size-1 dims may carry odd strides
+                    buf = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+                    f.write(buf.view(torch.uint8).numpy().data)
+        total += offset
+    if len(names) > 1:
+        write_json(Path(directory) / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names + (["model.safetensors.index.json"] if len(names) > 1 else [])

@@ -1,0 +1,144 @@
+"""The selection strategy: which layers each depth keeps, which heads and channels each width keeps.
+
+Stored as `strategy.json` (model description, kept layers per depth, metadata) plus
+`strategy.safetensors` (per width: query-head masks [L, n_heads], MLP-channel masks [L, n_ff], and
+the FLAP compensation biases of o_proj and down_proj [L, hidden]). Never pickle.
+
+Per-layer sizes are explicit: a layer's kept KV heads are the groups that still have a kept query
+head (GQA generalisation in method.md), recorded by `LayerWidth.kv_heads`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .io import dumps_json, read_json, safetensors_header
+from .shapes import Shape, ShapeSpace, format_width
+
+FORMAT = "amoeba-export/strategy"
+VERSION = 1
+# The fields of the base model that a strategy's masks and biases depend on.
+MODEL_KEYS = ("n_layers", "hidden_size", "n_heads", "n_kv_heads", "head_dim", "n_ff")
+
+
+@dataclass
+class LayerWidth:
+    """One layer at one width: boolean masks and compensation biases (float32)."""
+
+    q_heads: np.ndarray  # bool [n_heads]
+    channels: np.ndarray  # bool [n_ff]
+    o_bias: np.ndarray  # float32 [hidden]
+    down_bias: np.ndarray  # float32 [hidden]
+
+    def kv_heads(self, n_kv: int) -> np.ndarray:
+        """KV heads kept: those with at least one kept query head (query i uses kv i // G)."""
+        return self.q_heads.reshape(n_kv, -1).any(axis=1)
+
+
+@dataclass
+class Strategy:
+    model: dict  # MODEL_KEYS + "fingerprint" + "name"
+    depths: dict[int, list[int]]  # depth -> kept layer indices (ascending)
+    widths: dict[float, list[LayerWidth]]  # width -> one LayerWidth per base layer
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def space(self) -> ShapeSpace:
+        return ShapeSpace(tuple(sorted(self.depths)), tuple(sorted(self.widths)))
+
+    def layers(self, depth: int) -> list[int]:
+        return list(self.depths[depth])
+
+    def width(self, w: float) -> list[LayerWidth]:
+        return self.widths[w]
+
+    def resolve(self, shape: Shape) -> Shape:
+        return self.space.resolve(shape)
+
+    # ----------------------------------------------------------------- checks
+    def check_model(self, model: dict) -> None:
+        """Refuse a base model whose structure differs from the one the strategy was made for."""
+        diff = [k for k in MODEL_KEYS if self.model.get(k) != model.get(k)]
+        if diff:
+            got = ", ".join(f"{k}={model.get(k)} (strategy: {self.model.get(k)})" for k in diff)
+            raise UserError(f"strategy does not match the model: {got}; calibrate this model first")
+
+    def validate(self) -> None:
+        m = self.model
+        for d, layers in self.depths.items():
+            if len(layers) != d or sorted(set(layers)) != list(layers) or not all(
+                0 <= i < m["n_layers"] for i in layers
+            ):
+                raise UserError(f"corrupt strategy: depth {d} lists layers {layers}")
+        for w, per_layer in self.widths.items():
+            if len(per_layer) != m["n_layers"]:
+                raise UserError(f"corrupt strategy: width {format_width(w)} has {len(per_layer)} layers")
+            for lw in per_layer:
+                if lw.q_heads.shape != (m["n_heads"],) or lw.channels.shape != (m["n_ff"],) or (
+                    lw.o_bias.shape != (m["hidden_size"],) or lw.down_bias.shape != (m["hidden_size"],)
+                ):
+                    raise UserError(f"corrupt strategy: width {format_width(w)} has wrong tensor sizes")
+
+    # --------------------------------------------------------------- storage
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for w, per_layer in self.widths.items():
+            key = format_width(w)
+            tensors[f"width.{key}.q_heads"] = torch.from_numpy(np.stack([l.q_heads for l in per_layer]).astype(np.uint8))
+            tensors[f"width.{key}.channels"] = torch.from_numpy(np.stack([l.channels for l in per_layer]).astype(np.uint8))
+            tensors[f"width.{key}.o_bias"] = torch.from_numpy(np.stack([l.o_bias for l in per_layer]).astype(np.float32))
+            tensors[f"width.{key}.down_bias"] = torch.from_numpy(np.stack([l.down_bias for l in per_layer]).astype(np.float32))
+        save_file(tensors, str(directory / "strategy.safetensors"))
+        doc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": self.model,
+            "depths": {str(d): list(map(int, ls)) for d, ls in sorted(self.depths.items())},
+            "widths": [format_width(w) for w in sorted(self.widths, reverse=True)],
+            "meta": self.meta,
+        }
+        (directory / "strategy.json").write_text(dumps_json(doc))
+
+    @classmethod
+    def load(cls, directory: Path) -> "Strategy":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise UserError(f"missing strategy directory {directory}")
+        doc = read_json(directory / "strategy.json")
+        if doc.get("format") != FORMAT:
+            raise UserError(f"{directory / 'strategy.json'} is not an amoeba-export strategy")
+        if doc.get("version") != VERSION:
+            raise UserError(f"strategy version {doc.get('version')} is not supported (expected {VERSION})")
+        path = directory / "strategy.safetensors"
+        safetensors_header(path)
+        t = load_file(str(path))
+        widths = {}
+        try:
+            for key in doc["widths"]:
+                q, c = t[f"width.{key}.q_heads"].numpy().astype(bool), t[f"width.{key}.channels"].numpy().astype(bool)
+                ob, db = t[f"width.{key}.o_bias"].numpy(), t[f"width.{key}.down_bias"].numpy()
+                widths[float(key)] = [LayerWidth(q[i], c[i], ob[i], db[i]) for i in range(len(q))]
+            depths = {int(d): [int(i) for i in ls] for d, ls in doc["depths"].items()}
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserError(f"corrupt strategy in {directory}: {e}") from None
+        s = cls(model=doc["model"], depths=depths, widths=widths, meta=doc.get("meta", {}))
+        s.validate()
+        return s
+
+
+def full_width(model: dict) -> list[LayerWidth]:
+    """Keep everything, no compensation: the width-1 plan of our own calibration."""
+    h = model["hidden_size"]
+    return [
+        LayerWidth(
+            np.ones(model["n_heads"], bool), np.ones(model["n_ff"], bool), np.zeros(h, np.float32), np.zeros(h, np.float32)
+        )
+        for _ in range(model["n_layers"])
+    ]
