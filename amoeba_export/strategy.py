@@ -46,6 +46,7 @@ class Strategy:
     depths: dict[int, list[int]]  # depth -> kept layer indices (ascending)
     widths: dict[float, list[LayerWidth]]  # width -> one LayerWidth per base layer
     meta: dict = field(default_factory=dict)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # calibration statistics (FLAP), kept for audits
 
     @property
     def space(self) -> ShapeSpace:
@@ -95,6 +96,8 @@ class Strategy:
             tensors[f"width.{key}.channels"] = torch.from_numpy(np.stack([l.channels for l in per_layer]).astype(np.uint8))
             tensors[f"width.{key}.o_bias"] = torch.from_numpy(np.stack([l.o_bias for l in per_layer]).astype(np.float32))
             tensors[f"width.{key}.down_bias"] = torch.from_numpy(np.stack([l.down_bias for l in per_layer]).astype(np.float32))
+        for k, v in self.stats.items():
+            tensors[f"stats.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
         save_file(tensors, str(directory / "strategy.safetensors"))
         doc = {
             "format": FORMAT,
@@ -128,7 +131,8 @@ class Strategy:
             depths = {int(d): [int(i) for i in ls] for d, ls in doc["depths"].items()}
         except (KeyError, ValueError, TypeError) as e:
             raise UserError(f"corrupt strategy in {directory}: {e}") from None
-        s = cls(model=doc["model"], depths=depths, widths=widths, meta=doc.get("meta", {}))
+        stats = {k[len("stats."):]: v.numpy() for k, v in t.items() if k.startswith("stats.")}
+        s = cls(model=doc["model"], depths=depths, widths=widths, meta=doc.get("meta", {}), stats=stats)
         s.validate()
         return s
 
@@ -142,3 +146,28 @@ def full_width(model: dict) -> list[LayerWidth]:
         )
         for _ in range(model["n_layers"])
     ]
+
+
+SHIPPED = Path(__file__).parent / "strategies"
+
+
+def calibrated_dir(info: dict) -> Path:
+    """Where `amoeba-export calibrate` writes a model's strategy by default (keyed by fingerprint)."""
+    from .base_model import cache_dir
+
+    return cache_dir() / "strategies" / info["fingerprint"]
+
+
+def locate(info: dict, explicit: str | Path | None = None) -> Path:
+    """The strategy to use: the explicit one, else this model's calibrated one, else a shipped one."""
+    if explicit is not None:
+        return Path(explicit)
+    candidates = [calibrated_dir(info)] + sorted(SHIPPED.glob("*/"))
+    for d in candidates:
+        j = d / "strategy.json"
+        if j.is_file() and read_json(j).get("model", {}).get("fingerprint") == info["fingerprint"]:
+            return d
+    raise UserError(
+        f"no strategy for model {info['name']} (fingerprint {info['fingerprint']}): "
+        "run `amoeba-export calibrate --model PATH` first or pass --strategy DIR"
+    )

@@ -16,4 +16,4 @@ def tiny_gqa(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     """Untied embeddings, q/k/v biases (Qwen2-style), 6 query / 3 KV heads, large rope_theta."""
-    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), heads=6, kv_heads=3, tied=False, qkv_bias=True, seed=1)
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), hidden=96, heads=6, kv_heads=3, tied=False, qkv_bias=True, seed=1)

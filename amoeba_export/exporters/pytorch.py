@@ -36,6 +36,12 @@ def rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
+def stock_class(dense: DenseModel) -> bool:
+    """Stock LlamaForCausalLM expresses the model: uniform layers, and (transformers 5 insists,
+    even with an explicit head_dim) a head count that divides hidden_size."""
+    return dense.uniform and dense.hidden_size % dense.layers[0].n_heads == 0
+
+
 def hf_config(dense: DenseModel) -> dict:
     base = dense.config
     first = dense.layers[0]
@@ -60,7 +66,7 @@ def hf_config(dense: DenseModel) -> dict:
         dtype=dtype,
     )
     cfg.setdefault("hidden_act", "silu")
-    if not dense.uniform:
+    if not stock_class(dense):
         cfg.update(
             architectures=["AmoebaLlamaForCausalLM"],
             model_type="amoeba_llama",

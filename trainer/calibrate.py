@@ -1,0 +1,131 @@
+"""`amoeba-export calibrate`: stage-1 calibration of a base model into a Strategy.
+
+Depth by the DP (trainer/depth.py), width by FLAP or the uniform policy (trainer/width.py). Long
+phases checkpoint beside the output (`.<name>.calibration/`): the DP after every row, FLAP
+statistics once collected; a rerun with the same settings resumes, different settings start over.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from amoeba_export.elastic import ElasticModel
+from amoeba_export.errors import UserError
+from amoeba_export.io import atomic_dir
+from amoeba_export.metrics import mc_accuracy
+from amoeba_export.strategy import Strategy, calibrated_dir
+
+from .data import load_texts, mc_items, pack_tokens
+from .depth import LayerRunner, dp_select, kept_layers, ppl_evaluator
+from .width import collect_stats, flap_widths, uniform_widths
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    min_depth: int | None = None
+    keep_last: int = 1
+    widths: tuple[float, ...] = (1.0, 0.875, 0.75, 0.625, 0.5)
+    policy: str = "flap"
+    head_unit: str = "query"
+    align: int = 32
+    depth_metric: str = "ppl"
+    calib: str = "lambada"
+    depth_samples: int = 8
+    width_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    mc_task: str = "arc_easy"
+    mc_limit: int = 200
+
+    def resolved_min_depth(self, n_layers: int) -> int:
+        d = self.min_depth if self.min_depth is not None else math.ceil(0.625 * n_layers)
+        if not self.keep_last <= d <= n_layers:
+            raise UserError(f"--min-depth {d} must be between --keep-last ({self.keep_last}) and the model's {n_layers} layers")
+        return d
+
+
+def depth_windows(elastic: ElasticModel, cfg: CalibrationConfig) -> torch.Tensor:
+    return pack_tokens(load_texts(cfg.calib), elastic.tokenizer(), cfg.seq_len, cfg.depth_samples, cfg.seed)
+
+
+def width_windows(elastic: ElasticModel, cfg: CalibrationConfig) -> torch.Tensor:
+    return pack_tokens(load_texts(cfg.calib), elastic.tokenizer(), cfg.seq_len, cfg.width_samples, cfg.seed + 1)
+
+
+def depth_evaluator(elastic: ElasticModel, cfg: CalibrationConfig):
+    if cfg.depth_metric == "ppl":
+        return ppl_evaluator(LayerRunner(elastic.hf_model(), depth_windows(elastic, cfg))), False
+    items, tok = mc_items(cfg.mc_task, cfg.mc_limit, cfg.seed), elastic.tokenizer()
+
+    def evaluate(first_removed, kept):
+        with elastic.masked(layers=kept) as m:
+            return mc_accuracy(lambda ids: m(input_ids=ids, use_cache=False).logits, tok, items)["acc"]
+
+    return evaluate, True
+
+
+def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None) -> tuple[Strategy, Path]:
+    t0 = time.time()
+    elastic = ElasticModel(model)
+    info = elastic.info
+    L = info["n_layers"]
+    min_depth = cfg.resolved_min_depth(L)
+    if any(not 0 < w <= 1 for w in cfg.widths):
+        raise UserError("widths must be in (0, 1]")
+    out = Path(out) if out is not None else calibrated_dir(info)
+    work = out.parent / f".{out.name}.calibration"
+    settings = {**asdict(cfg), "min_depth": min_depth, "fingerprint": info["fingerprint"]}
+    if work.is_dir() and (not (work / "settings.json").is_file() or json.loads((work / "settings.json").read_text()) != json.loads(json.dumps(settings))):
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(settings))
+    torch.manual_seed(cfg.seed)
+
+    evaluate, higher = depth_evaluator(elastic, cfg)
+    tables = dp_select(L, min_depth, cfg.keep_last, evaluate, higher, checkpoint=work / "depth_dp.json")
+    depths = kept_layers(tables, L, cfg.keep_last)
+    del evaluate
+
+    stats_file = work / "flap_stats.safetensors"
+    if stats_file.is_file():
+        stats = load_file(str(stats_file))
+    else:
+        stats = collect_stats(elastic.hf_model(), width_windows(elastic, cfg))
+        save_file(stats, str(stats_file))
+    widths = {}
+    for w in cfg.widths:
+        if cfg.policy == "flap":
+            widths[w] = flap_widths(stats, elastic.weights, info, w, cfg.head_unit)
+        else:
+            widths[w] = uniform_widths(stats, elastic.weights, info, w, cfg.align)
+
+    meta = {
+        "source": "amoeba-export calibrate",
+        "settings": settings,
+        "depth_dp": tables.to_json(),
+        "depth_metric": {str(L - m): v for m, v in enumerate(tables.metric[-1]) if m and v is not None},
+        "kept_fraction": {str(w): _kept_fraction(widths[w], info) for w in cfg.widths},
+        "seconds": round(time.time() - t0, 1),
+    }
+    strategy = Strategy(model=info, depths=depths, widths=widths, meta=meta, stats=stats)
+    strategy.validate()
+    with atomic_dir(out) as tmp:
+        strategy.save(tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    return strategy, out
+
+
+def _kept_fraction(per_layer, info) -> float:
+    """Fraction of decoder linear parameters kept (attention by heads and KV heads, MLP by channels)."""
+    D, H, NKV = info["head_dim"], info["hidden_size"], info["n_kv_heads"]
+    full = info["n_layers"] * (2 * info["n_heads"] * D * H + 2 * NKV * D * H + 3 * H * info["n_ff"])
+    kept = sum(2 * lw.q_heads.sum() * D * H + 2 * lw.kv_heads(NKV).sum() * D * H + 3 * H * lw.channels.sum() for lw in per_layer)
+    return round(float(kept / full), 4)

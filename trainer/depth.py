@@ -1,0 +1,138 @@
+"""Stage-1 depth: the dynamic-programming layer selection of AmoebaLLM (method.md §2), exactly.
+
+Layers are visited from the back. Cell (n, m) holds the best mask that removes m layers among the
+last n eligible ones; it either keeps layer ℓ = N − n (copy of cell (n−1, m)) or removes it on top
+of cell (n−1, m−1), whichever scores strictly better. The last `keep_last` layers are never removed.
+
+Evaluation trick (exact): every candidate at step n keeps all layers before ℓ, so the hidden state
+entering layer ℓ is computed once for all steps, and a candidate only runs layers ℓ+1..L−1.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+class LayerRunner:
+    """Runs an HF LLaMA-family model block by block, from a cached hidden state, on fixed inputs."""
+
+    def __init__(self, model, input_ids: torch.Tensor):
+        if model.config._attn_implementation != "sdpa":
+            model.config._attn_implementation = "sdpa"  # causal masking with attention_mask=None
+        self.model, self.ids = model, input_ids
+        pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        with torch.inference_mode():
+            self.embeds = model.model.embed_tokens(input_ids)
+            self.pos_emb = model.model.rotary_emb(self.embeds, position_ids=pos)
+        self.pos = pos
+
+    @torch.inference_mode()
+    def run(self, hidden: torch.Tensor, layers) -> torch.Tensor:
+        for i in layers:
+            hidden = self.model.model.layers[i](hidden, attention_mask=None, position_embeddings=self.pos_emb, position_ids=self.pos)
+        return hidden
+
+    @torch.inference_mode()
+    def prefixes(self) -> list[torch.Tensor]:
+        """hidden[ℓ] = the input of layer ℓ with every earlier layer active (ℓ = 0..L)."""
+        out, h = [self.embeds], self.embeds
+        for i in range(len(self.model.model.layers)):
+            h = self.run(h, [i])
+            out.append(h)
+        return out
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+
+def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood."""
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="mean"))
+
+
+@dataclass
+class DPTables:
+    """d[n][m] metric and strategy[n][m] mask (over the N eligible layers), as in the upstream code."""
+
+    metric: list[list[float | None]]
+    masks: list[list[str | None]]  # "1101…" strings; None where the cell is not reachable
+
+    def to_json(self) -> dict:
+        return {"metric": self.metric, "masks": self.masks}
+
+
+def dp_select(n_layers: int, min_depth: int, keep_last: int, evaluate: Callable[[int, list[int]], float],
+              higher_is_better: bool, checkpoint: Path | None = None, rows: int | None = None) -> DPTables:
+    """Fill the DP tables. `evaluate(first_changed, kept_layers)` scores one candidate.
+
+    `rows` stops after that many steps (used by the test that re-runs a slice). With `checkpoint`,
+    each finished row is saved and a rerun resumes after the last saved row.
+    """
+    N, M = n_layers - keep_last, n_layers - min_depth
+    worst = -np.inf if higher_is_better else np.inf
+    better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
+    d = [[worst] * (M + 1) for _ in range(N + 1)]
+    S: list[list[np.ndarray | None]] = [[None] * (M + 1) for _ in range(N + 1)]
+    for n in range(N + 1):
+        S[n][0] = np.ones(N, dtype=np.int8)
+    start = 1
+    if checkpoint is not None and checkpoint.is_file():
+        saved = json.loads(checkpoint.read_text())
+        for n, (drow, srow) in enumerate(zip(saved["metric"], saved["masks"])):
+            d[n] = [worst if v is None else v for v in drow]
+            S[n] = [None if s is None else np.array([int(c) for c in s], np.int8) for s in srow]
+        start = len(saved["metric"])
+    last = N if rows is None else min(N, rows)
+    total = sum(min(n, M) for n in range(start, last + 1))
+    bar = tqdm(total=total, desc="depth DP", unit="eval", disable=total == 0)
+    for n in range(start, last + 1):
+        layer = N - n
+        for m in range(1, min(n, M) + 1):
+            cand = S[n - 1][m - 1].copy()
+            cand[layer] = 0
+            kept = [i for i in range(N) if cand[i]] + list(range(N, n_layers))
+            val = evaluate(layer, kept)
+            bar.update(1)
+            if better(val, d[n - 1][m]):
+                d[n][m], S[n][m] = val, cand
+            else:
+                d[n][m], S[n][m] = d[n - 1][m], S[n - 1][m]
+        if checkpoint is not None:
+            tables = _tables(d[: n + 1], S[: n + 1], worst)
+            checkpoint.write_text(json.dumps(tables.to_json()))
+    bar.close()
+    return _tables(d[: last + 1], S[: last + 1], worst)
+
+
+def _tables(d, S, worst) -> DPTables:
+    metric = [[None if v == worst else float(v) for v in row] for row in d]
+    masks = [[None if s is None else "".join(map(str, s.tolist())) for s in row] for row in S]
+    return DPTables(metric, masks)
+
+
+def kept_layers(tables: DPTables, n_layers: int, keep_last: int) -> dict[int, list[int]]:
+    """depth -> kept layer indices, from the last DP row (depth L keeps everything)."""
+    N = n_layers - keep_last
+    out = {n_layers: list(range(n_layers))}
+    for m, mask in enumerate(tables.masks[-1]):
+        if m and mask is not None:
+            out[n_layers - m] = [i for i in range(N) if mask[i] == "1"] + list(range(N, n_layers))
+    return out
+
+
+def ppl_evaluator(runner: LayerRunner) -> Callable[[int, list[int]], float]:
+    """Score = calibration perplexity; each candidate starts from the cached input of its first removed layer."""
+    prefixes = runner.prefixes()
+
+    def evaluate(first_removed: int, kept: list[int]) -> float:
+        h = runner.run(prefixes[first_removed], [i for i in kept if i > first_removed])
+        return float(np.exp(nll(runner.logits(h), runner.ids)))
+
+    return evaluate
