@@ -23,11 +23,11 @@ def export(em, shape, out):
     return dense, pytorch.load(out)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_qwen"])
+@pytest.mark.parametrize("fixture", ["tiny_gqa", "tiny_qwen", "tiny_qwen2", "tiny_mistral", "tiny_llama3"])
 def test_every_shape_matches_reference(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
     em = ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
-    ids = torch.randint(3, tiny.VOCAB, (2, 13), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))  # > 16: RoPE scaling matters
     kinds = set()
     for shape in em.strategy.space:
         dense, logits = export(em, shape, tmp_path / str(shape))
@@ -40,6 +40,9 @@ def test_every_shape_matches_reference(fixture, request, tmp_path):
         hdr = safetensors_header(tmp_path / str(shape) / "model.safetensors")
         assert {k: tuple(v["shape"]) for k, v in hdr.items() if k != "__metadata__"} == dict(dense.tensor_specs())
     assert kinds == {"llama", "amoeba_llama"}  # both layouts exercised
+    if fixture == "tiny_llama3":
+        cfg = json.loads((tmp_path / str(em.strategy.space.largest) / "config.json").read_text())
+        assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["rope_theta"] == 500000.0
     # the pruned shapes really differ from the full model (the masks are not a no-op)
     small = em.strategy.space.smallest
     assert (em.logits(ids, small) - em.logits(ids)).abs().max() > 1e-2

@@ -25,7 +25,7 @@ def tiny_tokenizer():
 
 
 def make_tiny_model(path: Path, *, layers=6, hidden=64, heads=4, kv_heads=2, head_dim=16, ff=96,
-                    tied=True, qkv_bias=False, model_type="llama", seed=0) -> Path:
+                    tied=True, qkv_bias=False, model_type="llama", seed=0, **extra) -> Path:
     """Save a random model in HF format (safetensors) with a tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -34,7 +34,7 @@ def make_tiny_model(path: Path, *, layers=6, hidden=64, heads=4, kv_heads=2, hea
         model_type, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=256, tie_word_embeddings=tied, rope_theta=500000.0 if not tied else 10000.0,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, **extra,
     )
     if model_type == "llama":
         cfg.attention_bias = qkv_bias
@@ -42,7 +42,7 @@ def make_tiny_model(path: Path, *, layers=6, hidden=64, heads=4, kv_heads=2, hea
     with torch.no_grad():
         for p in model.parameters():  # larger weights than the init so pruning visibly matters
             p.normal_(0, 0.2)
-        if model_type == "llama" and qkv_bias:
+        if model_type == "llama" and qkv_bias and hasattr(model.model.layers[0].self_attn.o_proj, "bias"):
             for layer in model.model.layers:  # o_proj bias stays zero: Qwen2-style q/k/v biases
                 layer.self_attn.o_proj.bias.zero_()
     model.save_pretrained(path)
