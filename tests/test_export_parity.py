@@ -138,3 +138,31 @@ def test_materialize_pads_uneven_gqa_groups_exactly(tiny_qwen):
     if 1 in dense.record["source_layers"]:
         j = dense.record["source_layers"].index(1)
         assert dense.layers[j].n_heads == 1 and dense.record["kept_query_heads"][j] == []
+
+
+def test_per_layer_export_loads_with_remote_code_alone(tiny_gqa, tmp_path):
+    """A per-layer artifact is self-contained: a clean interpreter that never imports amoeba_export
+    loads it with trust_remote_code=True and computes the same logits."""
+    import subprocess
+    import sys
+    import textwrap
+
+    em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa, seed=6))
+    shape = em.strategy.space.smallest
+    dense, logits = export(em, shape, tmp_path / "p")
+    assert not dense.uniform and (tmp_path / "p" / "modeling_amoeba_llama.py").is_file()
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    torch.save(logits(ids), tmp_path / "want.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(tmp_path / "p")!r}, trust_remote_code=True).eval()
+        assert "amoeba_export" not in sys.modules and type(m).__name__ == "AmoebaLlamaForCausalLM"
+        got = m(input_ids=torch.tensor([[3, 14, 15, 92, 65, 35]]), use_cache=False).logits
+        want = torch.load({str(tmp_path / "want.pt")!r}, weights_only=True)
+        print(float((got - want).abs().max()))
+    """)
+    p = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert float(p.stdout.strip().splitlines()[-1]) < 1e-6

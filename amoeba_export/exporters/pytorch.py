@@ -2,8 +2,9 @@
 
 Uniform shapes use the stock `LlamaForCausalLM` (no custom code; formats.md §2.1: explicit
 `head_dim`, both RoPE spellings, zero q/k/v and gate/up biases where the bias flags require them).
-Per-layer shapes use `amoeba_llama` from `amoeba_export.modeling`, registered with the Auto
-classes when `amoeba_export` is imported.
+Per-layer shapes use `amoeba_llama` (`amoeba_export/modeling/amoeba_llama.py`): registered with
+the Auto classes by `import amoeba_export.modeling`, and also copied into the artifact with an
+`auto_map`, so plain transformers loads it with `trust_remote_code=True`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 
 from ..io import write_json, write_safetensors_stream
 from ..materialize import DenseModel
+from ..modeling import amoeba_llama
+
+REMOTE_CODE = "modeling_amoeba_llama.py"
 
 NAME = "pytorch"
 TOKENIZER_FILES = (
@@ -73,6 +77,8 @@ def hf_config(dense: DenseModel) -> dict:
             num_attention_heads=max(s.n_heads for s in dense.layers),
             num_key_value_heads=max(s.n_kv_heads for s in dense.layers),
             intermediate_size=max(s.n_ff for s in dense.layers),
+            auto_map={"AutoConfig": f"{REMOTE_CODE[:-3]}.AmoebaLlamaConfig",
+                      "AutoModelForCausalLM": f"{REMOTE_CODE[:-3]}.AmoebaLlamaForCausalLM"},
             layer_specs=[
                 {"num_attention_heads": s.n_heads, "num_key_value_heads": s.n_kv_heads,
                  "intermediate_size": s.n_ff, "attention_bias": s.attn_bias, "mlp_bias": s.mlp_bias}
@@ -97,14 +103,15 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
     files = ["config.json"]
     files += write_safetensors_stream(out_dir, dense.tensor_specs(), dense.tensors(), dense.dtype)
     files += copy_tokenizer(tokenizer_dir, out_dir)
+    if not stock_class(dense):  # self-contained: loads with trust_remote_code=True, no amoeba-export needed
+        shutil.copyfile(amoeba_llama.__file__, out_dir / REMOTE_CODE)
+        files.append(REMOTE_CODE)
     return files
 
 
 def load(out_dir: Path):
-    """transformers loads the directory (stock class, or amoeba_llama once amoeba_export is imported)."""
+    """transformers loads the directory (stock class, or amoeba_llama, registered by the import above)."""
     from transformers import AutoModelForCausalLM
-
-    from .. import modeling  # noqa: F401  (registers amoeba_llama)
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
 

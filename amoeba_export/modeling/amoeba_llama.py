@@ -5,10 +5,13 @@ own. This module is the smallest change that fixes that: the config carries `lay
 dict per layer) and the model builds each `LlamaDecoderLayer` from a copy of the config with that
 layer's sizes. Attention, RoPE, the KV cache and `generate` are transformers' own.
 
-Loading needs only `import amoeba_export` (which registers `amoeba_llama` with the Auto classes):
+This file imports nothing but transformers: exporters copy it into the artifact as
+`modeling_amoeba_llama.py` with an `auto_map`, so either of these loads an export:
 
-    import amoeba_export
+    import amoeba_export.modeling            # registers amoeba_llama with the Auto classes
     model = AutoModelForCausalLM.from_pretrained(export_dir)
+
+    model = AutoModelForCausalLM.from_pretrained(export_dir, trust_remote_code=True)  # no amoeba-export
 """
 from __future__ import annotations
 
