@@ -146,8 +146,13 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
         depth_samples=depth_samples, width_samples=width_samples, seq_len=seq_len, seed=seed,
     )
     strategy, out_dir = run_calibration(model, cfg, out)
-    click.echo(f"wrote strategy {out_dir}: depths {min(strategy.depths)}..{max(strategy.depths)}, "
-               f"widths {', '.join(str(w) for w in sorted(strategy.widths, reverse=True))}")
+    meta = strategy.meta
+    click.echo(table([{"depth": d, "removed layers": ",".join(str(i) for i in sorted(set(range(strategy.model["n_layers"])) - set(ls))) or "-",
+                       f"calib {cfg.depth_metric}": f"{meta['depth_metric'][str(d)]:.3f}" if str(d) in meta["depth_metric"] else "-"}
+                      for d, ls in sorted(strategy.depths.items(), reverse=True)], ["depth", "removed layers", f"calib {cfg.depth_metric}"]))
+    click.echo(table([{"width": w, "kept parameters": f"{meta['kept_fraction'][str(w)]:.3f}"} for w in sorted(strategy.widths, reverse=True)],
+                     ["width", "kept parameters"]))
+    click.echo(f"wrote strategy {out_dir} ({meta['seconds']:.0f} s)")
 
 
 @cli.command()

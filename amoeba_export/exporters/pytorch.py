@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..io import write_json, write_safetensors_stream
 from ..materialize import DenseModel
@@ -101,7 +102,9 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
     out_dir = Path(out_dir)
     write_json(out_dir / "config.json", hf_config(dense))
     files = ["config.json"]
-    files += write_safetensors_stream(out_dir, dense.tensor_specs(), dense.tensors(), dense.dtype)
+    specs = dense.tensor_specs()
+    stream = tqdm(dense.tensors(), total=len(specs), desc="writing weights", unit="tensor", leave=False)
+    files += write_safetensors_stream(out_dir, specs, stream, dense.dtype)
     files += copy_tokenizer(tokenizer_dir, out_dir)
     if not stock_class(dense):  # self-contained: loads with trust_remote_code=True, no amoeba-export needed
         shutil.copyfile(amoeba_llama.__file__, out_dir / REMOTE_CODE)
