@@ -64,9 +64,9 @@ def cli(ctx, target, flow, shape_text, out, dtype, no_verify, model, strategy_di
     from .exporters import get_exporter
     from .pipeline import compile_shape
 
+    shape = Shape.parse(shape_text)
     tgt = load_target(target)
     get_exporter(flow)
-    shape = Shape.parse(shape_text)
     elastic, sdir = load_elastic(model, strategy_dir)
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
     res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir)

@@ -26,16 +26,20 @@ from .strategy import LayerWidth, Strategy
 
 
 class WeightSource:
-    """Memory-mapped, lazily read base weights: one tensor in memory at a time."""
+    """Lazily read base weights: one tensor in memory at a time.
+
+    Each read opens the file's memory map and drops it with the tensor, so pages of tensors
+    already exported do not stay resident (holding every map open doubled an export's peak RSS).
+    """
 
     def __init__(self, model_dir: Path):
-        self._files = {}
         self._where: dict[str, Path] = {}
+        self._shapes: dict[str, list[int]] = {}
         for f in weight_files(model_dir):
-            handle = safe_open(str(f), framework="pt")
-            self._files[f] = handle
-            for name in handle.keys():
-                self._where[name] = f
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    self._where[name] = f
+                    self._shapes[name] = list(handle.get_slice(name).get_shape())
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -46,10 +50,11 @@ class WeightSource:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"the base model has no tensor {name!r}")
-        return self._files[self._where[name]].get_tensor(name)
+        with safe_open(str(self._where[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
-        return list(self._files[self._where[name]].get_slice(name).get_shape())
+        return list(self._shapes[name])
 
 
 class ElasticModel:

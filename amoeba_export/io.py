@@ -142,9 +142,11 @@ def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_b
                 got_name, t = next(stream)
                 if got_name != name or tuple(t.shape) != shape or t.dtype != dtype:
                     raise RuntimeError(f"tensor stream out of plan: got {got_name} {tuple(t.shape)} {t.dtype}, planned {name} {shape}")
-                if t.numel():  # a fresh row-major buffer: size-1 dims may carry odd strides
-                    buf = torch.empty(t.shape, dtype=t.dtype).copy_(t)
-                    f.write(buf.view(torch.uint8).numpy().data)
+                flat = t.reshape(-1)  # a view when t is contiguous: no copy
+                if flat.numel() and flat.stride(0) != 1:
+                    flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
+                if flat.numel():
+                    f.write(flat.view(torch.uint8).numpy().data)
         total += offset
     if len(names) > 1:
         write_json(Path(directory) / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})

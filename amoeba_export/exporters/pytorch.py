@@ -16,9 +16,8 @@ from tqdm import tqdm
 
 from ..io import write_json, write_safetensors_stream
 from ..materialize import DenseModel
-from ..modeling import amoeba_llama
-
 REMOTE_CODE = "modeling_amoeba_llama.py"
+MODELING_FILE = Path(__file__).parent.parent / "modeling" / "amoeba_llama.py"  # copied, not imported
 
 NAME = "pytorch"
 TOKENIZER_FILES = (
@@ -107,14 +106,16 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
     files += write_safetensors_stream(out_dir, specs, stream, dense.dtype)
     files += copy_tokenizer(tokenizer_dir, out_dir)
     if not stock_class(dense):  # self-contained: loads with trust_remote_code=True, no amoeba-export needed
-        shutil.copyfile(amoeba_llama.__file__, out_dir / REMOTE_CODE)
+        shutil.copyfile(MODELING_FILE, out_dir / REMOTE_CODE)
         files.append(REMOTE_CODE)
     return files
 
 
 def load(out_dir: Path):
-    """transformers loads the directory (stock class, or amoeba_llama, registered by the import above)."""
+    """transformers loads the directory (stock class, or amoeba_llama, registered by the import below)."""
     from transformers import AutoModelForCausalLM
+
+    from .. import modeling  # noqa: F401  (registers amoeba_llama)
 
     model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
 
