@@ -74,6 +74,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _publishable(root: Path) -> None:
+    """Ordinary permissions (mkdtemp makes 0700 and some writers 0600): what the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in root.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path, overwrite: bool = True):
     """Yield a temporary directory beside `dest`; rename it to `dest` when the block completes."""
@@ -84,6 +93,7 @@ def atomic_dir(dest: Path, overwrite: bool = True):
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         yield tmp
+        _publishable(tmp)
         if dest.exists():
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             dest.rename(old)
