@@ -44,9 +44,6 @@ class WeightSource:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"the base model has no tensor {name!r}")
