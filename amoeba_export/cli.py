@@ -174,11 +174,10 @@ def import_strategy(npy, model, out, width_choice):
 @cli.command()
 def targets():
     """List the known targets."""
-    from targets import load_target, names
+    from targets import describe, load_target, names
 
     for n in names():
-        t = load_target(n)
-        click.echo(f"{n}: {t.get('cpu') or t.get('description', '')}  flows: {', '.join(t.get('flows', []))}")
+        click.echo(describe(load_target(n)))
 
 
 def main(argv=None) -> None:
