@@ -95,9 +95,10 @@ def estimate(dense, target: dict, flow: str, workload) -> tuple[float, dict]:
         t_mem = byts / (bw * 1e9 * eff)
         return Estimate(max(t_mem, t_cmp), "memory" if t_mem >= t_cmp else "compute", byts, flops, {})
 
-    tpot = decode_step(P + G // 2)  # the average context over the generated tokens
+    tpot = decode_step(P)  # Workload: one decode step with a KV cache of prompt_len tokens
     ttft = prefill()
-    seconds = {"tpot": tpot.seconds, "ttft": ttft.seconds, "e2e": ttft.seconds + G * tpot.seconds}
+    # e2e: the prefill yields the first token, then gen_len - 1 decode steps (as the profiler times it)
+    seconds = {"tpot": tpot.seconds, "ttft": ttft.seconds, "e2e": ttft.seconds + (G - 1) * tpot.seconds}
     detail = {
         "source": "estimated",
         "method": "roofline: decode = max(bytes/(bandwidth·eff), FLOPs/(peak·eff)); prefill = FLOPs/(peak·prefill_eff)",

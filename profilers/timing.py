@@ -1,0 +1,384 @@
+"""The timing discipline every profiler shares, independent of any framework.
+
+DESIGN.md, "Timing": warm up, repeat until the median is stable (or a cap), report median, p10,
+p90 and keep the samples; pin threads; record what can skew a measurement (governor, power mode,
+other load); on CUDA, synchronise or use events. Users' most common complaint about latency tables
+is "predicted != measured" (prior-art.md §10.3), so a number here always travels with its samples,
+how the loop stopped, and the state of the machine when it ran.
+
+- `measure(fn)` -> `Timing`: the loop. `clock` is injectable so the stopping rule is tested
+  exactly with scripted durations; `setup` runs untimed before every call (a profiler rewinds a
+  KV cache there); `sync` drains an asynchronous device before each clock read.
+- `pinned_threads(n)`: the torch intra-op thread count for the duration of a measurement.
+- `environment()`: governor, load, cores, threads, versions, GPU, Jetson power mode, and warnings.
+
+torch is imported lazily (only `pinned_threads`, `cuda_events=True` and `environment` touch it), so
+a profiler for another runtime (onnxruntime, llama.cpp) uses this module without paying for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.metadata
+import math
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from amoeba_export.errors import UserError
+
+STOP_REASONS = ("stable", "max_repeats", "max_seconds")
+
+
+@dataclass
+class Timing:
+    """Seconds. `samples` are in the order taken (warm-up calls excluded)."""
+
+    median: float
+    p10: float
+    p90: float
+    mean: float
+    stdev: float
+    samples: list[float] = field(repr=False)
+    n: int
+    stable: bool
+    stop_reason: str  # one of STOP_REASONS
+    warmup: int = 0
+    timer: str = "perf_counter"  # or "cuda_events"
+
+    @classmethod
+    def from_samples(cls, samples: list[float], *, stop_reason: str, warmup: int = 0,
+                     timer: str = "perf_counter") -> "Timing":
+        if not samples:
+            raise ValueError("no samples")
+        s = [float(x) for x in samples]
+        return cls(
+            median=statistics.median(s), p10=percentile(s, 10), p90=percentile(s, 90),
+            mean=statistics.fmean(s), stdev=statistics.stdev(s) if len(s) > 1 else 0.0,
+            samples=s, n=len(s), stable=stop_reason == "stable", stop_reason=stop_reason,
+            warmup=warmup, timer=timer,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Timing":
+        return cls(**d)
+
+    def __str__(self) -> str:
+        ms = 1e3
+        return (f"median {self.median * ms:.3f} ms (p10 {self.p10 * ms:.3f}, p90 {self.p90 * ms:.3f}; "
+                f"n={self.n}, {self.stop_reason})")
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    s = sorted(samples)
+    if not s:
+        raise ValueError("no samples")
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def is_stable(samples: list[float], window: int, rel_tol: float) -> bool:
+    """The median of all samples moved by at most `rel_tol` (relative) when the last `window`
+    samples were added."""
+    if len(samples) <= window:
+        return False
+    now = statistics.median(samples)
+    before = statistics.median(samples[:-window])
+    return abs(now - before) <= rel_tol * abs(now)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 3, min_repeats: int = 5, max_repeats: int = 50,
+            max_seconds: float = 20.0, rel_tol: float = 0.02, sync: Callable[[], object] | None = None,
+            setup: Callable[[], object] | None = None, cuda_events: bool = False, window: int = 2,
+            clock: Callable[[], float] = time.perf_counter) -> Timing:
+    """Time `fn()`: `warmup` untimed calls, then repeat until the median is stable or a cap is hit.
+
+    Stable: at least `min_repeats` samples (and `window + 3`, so the earlier median has three
+    samples behind it), and the median of all samples differs from the median without the last
+    `window` samples by at most `rel_tol` of it. Caps: `max_repeats` samples, or `max_seconds` of
+    timed phase (by `clock`; warm-up not counted, at least one sample always taken).
+
+    `setup()` runs before every call, untimed (e.g. rewinding a KV cache so every sample starts
+    from the same state). `sync()` runs before each start and end clock read: pass
+    `torch.cuda.synchronize` for CUDA work, else the clock stops when the kernels are queued, not
+    done. `cuda_events=True` times with `torch.cuda.Event`s on the current stream instead of
+    `clock` (a UserError where CUDA is unavailable). Garbage collection is off while timing, as
+    in `timeit`.
+    """
+    if warmup < 0 or min_repeats < 1 or max_repeats < min_repeats or window < 1:
+        raise UserError(f"timing: need warmup >= 0, 1 <= min_repeats <= max_repeats and window >= 1 "
+                        f"(got warmup={warmup}, min_repeats={min_repeats}, max_repeats={max_repeats}, window={window})")
+    if not max_seconds > 0 or not rel_tol >= 0:
+        raise UserError(f"timing: need max_seconds > 0 and rel_tol >= 0 (got {max_seconds}, {rel_tol})")
+    once = _event_timer(fn, setup) if cuda_events else _clock_timer(fn, setup, sync, clock)
+    timer = "cuda_events" if cuda_events else getattr(clock, "__name__", "clock")
+
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            once()
+        samples: list[float] = []
+        start = clock()
+        need = max(min_repeats, window + 3)
+        while True:
+            samples.append(once())
+            if len(samples) >= need and is_stable(samples, window, rel_tol):
+                reason = "stable"
+            elif len(samples) >= max_repeats:
+                reason = "max_repeats"
+            elif clock() - start >= max_seconds:
+                reason = "max_seconds"
+            else:
+                continue
+            break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing.from_samples(samples, stop_reason=reason, warmup=warmup, timer=timer)
+
+
+def _clock_timer(fn, setup, sync, clock):
+    def once() -> float:
+        if setup is not None:
+            setup()
+        if sync is not None:
+            sync()  # work queued by setup (or earlier) must not land inside this sample
+        t0 = clock()
+        fn()
+        if sync is not None:
+            sync()
+        return clock() - t0
+    return once
+
+
+def _event_timer(fn, setup):
+    try:
+        import torch
+        available = torch.cuda.is_available()
+    except ImportError:
+        available = False
+    if not available:
+        raise UserError("cuda_events=True needs a CUDA device, and none is available here: "
+                        "time on the CPU clock (cuda_events=False) or run on a GPU machine")
+
+    def once() -> float:
+        if setup is not None:
+            setup()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3  # ms -> s
+    return once
+
+
+# ---------------------------------------------------------------- threads
+
+def usable_cpus() -> list[int]:
+    """The logical CPUs this process may run on (its affinity mask)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores() -> int:
+    """Physical cores among the usable CPUs (SMT siblings counted once); os.cpu_count() when the
+    topology is not readable. GEMM-bound inference gains little from SMT siblings, and one thread
+    per core avoids two threads fighting over one core's units."""
+    cpus = usable_cpus()
+    cores = set()
+    for c in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+        siblings = None
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                siblings = (topo / name).read_text().strip()
+                break
+            except OSError:
+                continue
+        if siblings is None:
+            return len(cpus) or (os.cpu_count() or 1)
+        cores.add(siblings)
+    return len(cores) or (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int | None = None):
+    """`torch.set_num_threads(n)` inside the block (default: physical cores), restored after.
+    Yields the thread count used, so the caller can record it."""
+    import torch
+
+    n = physical_cores() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- environment
+
+def environment() -> dict:
+    """What can skew a measurement, read before the run; `warnings` says what looks wrong.
+
+    Only cheap reads: /proc and /sys files, package metadata, torch's CUDA query when torch is
+    already imported or a driver is present, and `nvpmodel -q` on a Jetson (a short subprocess).
+    """
+    cpus = usable_cpus()
+    torch = _torch_if_cheap()
+    threads = torch.get_num_threads() if torch is not None else None
+    env = {
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(cpus),
+        "physical_cores": physical_cores(),
+        "torch_threads": threads,
+        "governor": _governor(cpus),
+        "cpu_boost": _read("/sys/devices/system/cpu/cpufreq/boost"),
+        "loadavg": _loadavg(),
+        "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+                       if k in os.environ},
+        "versions": {"python": platform.python_version(), **_versions("torch", "transformers", "numpy", "amoeba-export")},
+        "cuda": _cuda(torch),
+        "jetson": _jetson(),
+    }
+    env["warnings"] = skew_warnings(env)
+    return env
+
+
+def skew_warnings(env: dict) -> list[str]:
+    """Plain-language warnings for an `environment()` record."""
+    out = []
+    cores = env.get("usable_cpus") or env.get("logical_cpus") or 1
+    threads = env.get("torch_threads") or cores
+    load = (env.get("loadavg") or [None])[0]
+    if load is not None and load > max(0.5, cores - threads):
+        out.append(f"load average {load:.1f} on {cores} cores: other processes are running; timings will be noisy")
+    gov = env.get("governor")
+    if isinstance(gov, str) and gov != "performance":
+        out.append(f"governor is {gov}: the clock ramps with load, so short timings vary; "
+                   "set 'performance' (cpupower frequency-set -g performance) for stable numbers")
+    elif isinstance(gov, dict):
+        out.append(f"CPUs run different governors ({', '.join(sorted(set(gov.values())))}): timings depend on scheduling")
+    phys = env.get("physical_cores")
+    if threads and phys and threads > phys:
+        out.append(f"{threads} torch threads on {phys} physical cores: oversubscribed, timings will be slower and noisier")
+    jetson = env.get("jetson") or {}
+    mode = jetson.get("power_mode")
+    if mode and "MAXN" not in mode.upper():
+        out.append(f"Jetson power mode is {mode!r}, not MAXN: latencies hold for this mode only")
+    return out
+
+
+def _torch_if_cheap():
+    if "torch" in sys.modules:
+        return sys.modules["torch"]
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _cpu_model() -> str:
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        if line.startswith(("model name", "Model", "Hardware")):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _governor(cpus: list[int]) -> str | dict | None:
+    """One name when every usable CPU has the same governor, {cpu: name} when they differ,
+    None where cpufreq is not exposed (containers, most VMs)."""
+    found = {c: g for c in cpus if (g := _read(f"/sys/devices/system/cpu/cpu{c}/cpufreq/scaling_governor"))}
+    if not found:
+        return None
+    names = set(found.values())
+    return names.pop() if len(names) == 1 else {str(c): g for c, g in found.items()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _versions(*packages: str) -> dict:
+    out = {}
+    for p in packages:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def _cuda(torch) -> dict | None:
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_available():
+            return None
+        i = torch.cuda.current_device()
+        p = torch.cuda.get_device_properties(i)
+    except (RuntimeError, AssertionError):
+        return None
+    driver = None
+    text = _read("/proc/driver/nvidia/version")
+    if text:
+        m = re.search(r"Kernel Module(?: for \w+)?\s+([\d.]+)", text)
+        driver = m.group(1) if m else text.splitlines()[0]
+    return {"device": i, "name": p.name, "arch": f"sm_{p.major}{p.minor}", "memory_bytes": int(p.total_memory),
+            "count": torch.cuda.device_count(), "cuda_runtime": torch.version.cuda, "driver": driver}
+
+
+def _jetson() -> dict | None:
+    """Power mode via `nvpmodel -q` where it exists (Jetson); None elsewhere."""
+    release = _read("/etc/nv_tegra_release")
+    if release is None and not Path("/etc/nvpmodel.conf").exists():
+        return None
+    out = {"release": release.splitlines()[0] if release else None, "power_mode": None}
+    exe = shutil.which("nvpmodel")
+    if exe:
+        try:
+            q = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=5)
+            for line in q.stdout.splitlines():
+                if "Power Mode" in line:
+                    out["power_mode"] = line.split(":", 1)[1].strip()
+                    break
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return out

@@ -1,0 +1,74 @@
+"""What is timed: `Workload(batch, prompt_len, gen_len, metric)`.
+
+The metric is the number a budget bounds (DESIGN.md, "Budgets and units"):
+
+- ``tpot``: time per output token, one decode step with a KV cache of `prompt_len` tokens
+  (the default meaning of `--budget`);
+- ``ttft``: time to first token, the prefill of `prompt_len` tokens producing the first token;
+- ``e2e``: the whole request, prefill plus decode until `gen_len` tokens are out.
+
+`key()` names the workload in latency-table paths (`latency_tables/<target>/<flow>/<model>/<key>.json`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from amoeba_export.errors import UserError
+
+METRICS = ("tpot", "ttft", "e2e")
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int = 1
+    prompt_len: int = 128
+    gen_len: int = 64
+    metric: str = "tpot"
+
+    def __post_init__(self):
+        for name in ("batch", "prompt_len", "gen_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"workload {name} must be a whole number, got {v!r}")
+            if v < 1:
+                raise UserError(f"workload {name} must be at least 1, got {v}")
+        if self.metric not in METRICS:
+            raise UserError(f"unknown metric {self.metric!r}: choose one of {', '.join(METRICS)}")
+
+    def key(self) -> str:
+        """Filename-safe name, e.g. ``b1-p128-g64-tpot``."""
+        return f"b{self.batch}-p{self.prompt_len}-g{self.gen_len}-{self.metric}"
+
+    def __str__(self) -> str:
+        return self.key()
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable dict (``json.dumps`` it to get text)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict | str) -> "Workload":
+        """From `to_json()`'s dict, or its JSON text. Unknown or malformed fields are a UserError."""
+        if isinstance(data, (str, bytes)):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as e:
+                raise UserError(f"workload: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"workload: expected an object with batch, prompt_len, gen_len, metric; got {data!r}")
+        unknown = set(data) - {"batch", "prompt_len", "gen_len", "metric"}
+        if unknown:
+            raise UserError(f"workload: unknown field(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def parse(cls, key: str) -> "Workload":
+        """The inverse of `key()`."""
+        try:
+            b, p, g, metric = key.split("-")
+            if not (b[0], p[0], g[0]) == ("b", "p", "g"):
+                raise ValueError
+            return cls(int(b[1:]), int(p[1:]), int(g[1:]), metric)
+        except (ValueError, IndexError):
+            raise UserError(f"malformed workload key {key!r}: expected e.g. b1-p128-g64-tpot") from None
