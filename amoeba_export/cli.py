@@ -40,34 +40,84 @@ def load_elastic(model, strategy_dir):
     return ElasticModel(model_dir, Strategy.load(sdir)), sdir
 
 
+WORKLOAD = [
+    click.option("--metric", type=click.Choice(["tpot", "ttft", "e2e"]), default="tpot", show_default=True,
+                 help="What --budget bounds: time per output token, time to first token, or the whole request."),
+    click.option("--batch", type=int, default=1, show_default=True),
+    click.option("--prompt-len", type=int, default=128, show_default=True),
+    click.option("--gen-len", type=int, default=64, show_default=True),
+]
+
+
+def workload_options(f):
+    for opt in reversed(WORKLOAD):
+        f = opt(f)
+    return f
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
 @click.option("--flow", default=None, help="Inference flow: pytorch.")
-@click.option("--shape", "shape_text", default=None, metavar="DxW", help="Shape to export, e.g. 24x0.75.")
+@click.option("--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT).")
+@click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
+@click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
 @click.option("--out", default=None, metavar="DIR", help="Artifact directory (written atomically).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Weight dtype of the artifact (default: the base model's).")
+@click.option("--threads", type=int, default=None, help="Threads when timing on the host (default: physical cores).")
+@click.option("--dry-run", is_flag=True, help="Stop after the search: print the choice and the Pareto front.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the masked reference.")
+@workload_options
 @MODEL
 @STRATEGY
 @JSON
 @click.pass_context
-def cli(ctx, target, flow, shape_text, out, dtype, no_verify, model, strategy_dir, as_json):
-    """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device and inference flow."""
+def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, threads, dry_run, no_verify, metric, batch,
+        prompt_len, gen_len, model, strategy_dir, as_json):
+    """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device, inference flow and budget."""
     if ctx.invoked_subcommand is not None:
         return
-    missing = [n for n, v in (("--target", target), ("--flow", flow), ("--shape", shape_text)) if v is None]
+    missing = [n for n, v in (("--target", target), ("--flow", flow)) if v is None]
+    if shape_text is None and budget is None:
+        missing.append("--budget (or --shape)")
     if missing:
-        raise UserError(f"missing {', '.join(missing)}: e.g. amoeba-export --target host --flow pytorch --shape 24x0.75 --out DIR")
+        raise UserError(f"missing {', '.join(missing)}: e.g. amoeba-export --target host --flow pytorch --budget 30ms")
     from targets import load_target
 
     from .exporters import get_exporter
-    from .pipeline import compile_shape
+    from .search import parse_bytes, parse_time
 
-    shape = Shape.parse(shape_text)
+    shape = Shape.parse(shape_text) if shape_text is not None else None
+    budget_s = parse_time(budget) if budget is not None else None
+    memory_budget = parse_bytes(memory) if memory is not None else None
     tgt = load_target(target)
     get_exporter(flow)
     elastic, sdir = load_elastic(model, strategy_dir)
+    if shape is None:
+        from profilers.workload import Workload
+
+        from .pipeline import compile_budget
+        from .search import format_time
+
+        wl = Workload(batch, prompt_len, gen_len, metric)
+        note = (lambda m: click.echo(f"note: {m}", err=True))
+        summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=dtype,
+                                 threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir, notice=note)
+        if as_json:
+            click.echo(json.dumps(summary, indent=2, sort_keys=True))
+            return
+        meas = summary["measured_latency_s"]
+        click.echo(table([{
+            "target": target, "flow": flow, "shape": summary["shape"], "params": f"{summary['parameters'] / 1e6:.1f}M",
+            f"{metric} predicted": format_time(summary["predicted_latency_s"]),
+            f"{metric} measured": format_time(meas) if meas else "-", "budget": format_time(budget_s),
+            "table": summary["table_source"],
+        }], ["target", "flow", "shape", "params", f"{metric} predicted", f"{metric} measured", "budget", "table"]))
+        click.echo(f"Pareto front ({len(summary['search']['pareto'])} shapes): {', '.join(summary['search']['pareto'])}")
+        click.echo("dry run: nothing written" if dry_run else f"wrote {summary['out']} (manifest.json, pareto.png)")
+        return
+    from .pipeline import compile_shape
+
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
     res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir)
     m = res.manifest
@@ -83,6 +133,38 @@ def cli(ctx, target, flow, shape_text, out, dtype, no_verify, model, strategy_di
         "max|Δlogit|": f"{p['max_abs_logit_diff']:.2e}" if p else "skipped",
     }], ["target", "flow", "shape", "params", "layout", "max|Δlogit|"]))
     click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
+
+
+@cli.command()
+@MODEL
+@STRATEGY
+@workload_options
+@click.option("--target", default="host", show_default=True, help="Only the machine at hand can be measured.")
+@click.option("--flow", default="pytorch", show_default=True)
+@click.option("--threads", type=int, default=None, help="Threads (default: physical cores).")
+@click.option("--validate", "n_validate", type=int, default=10, show_default=True, help="Extra shapes measured to validate the fit.")
+@click.option("--all", "measure_all", is_flag=True, help="Measure every shape end to end (slow; the reference).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, dtype):
+    """Measure a latency table on this machine (resumable) into latency_tables/."""
+    from targets import load_target
+
+    from profilers.profile import profile_table
+    from profilers.workload import Workload
+
+    from .search import format_time
+
+    elastic, sdir = load_elastic(model, strategy_dir)
+    tbl, path = profile_table(elastic, load_target(target), flow, Workload(batch, prompt_len, gen_len, metric),
+                              strategy_dir=sdir, dtype=dtype, threads=threads, n_validate=n_validate, measure_all=measure_all)
+    v = tbl.validation
+    click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
+                       "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",
+                       "error": f"{(e['predicted'] / e['measured']['median'] - 1) * 100:+.1f}%" if "measured" in e else ""}
+                      for k, e in tbl.entries.items() if "measured" in e], ["shape", "predicted", "measured", "error"]))
+    click.echo(f"fit on {len(tbl.component['fit_shapes'])} shapes; validation on {v['n']}: median |error| "
+               f"{v['median_abs_rel_error'] * 100:.1f}%, within ±10%: {v['within_10pct'] * 100:.0f}%")
+    click.echo(f"wrote {path}")
 
 
 @cli.command()

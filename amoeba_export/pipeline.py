@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,7 +46,10 @@ def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
 
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
-                  adapter_dir: Path | None = None) -> Result:
+                  adapter_dir: Path | None = None, extra: dict | None = None,
+                  before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
+    """Materialize, emit, verify and write the manifest (last). `before_manifest(dir, body)` may add
+    files and manifest fields (the search's plot, the artifact's measured latency)."""
     exporter = get_exporter(flow)
     if flow not in target.get("flows", []):
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
@@ -71,6 +75,105 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "materialize": dense.record,
             "uniform": dense.uniform,
             "parity": parity,
+            **(extra or {}),
         }
+        if before_manifest is not None:
+            before_manifest(tmp, body)
         manifest = write_manifest(tmp, body)
     return Result(Path(out), shape, dense, manifest)
+
+
+# ------------------------------------------------------------------ the budgeted compile
+
+def memory_bytes(dense: DenseModel, workload) -> int:
+    """Weights plus the KV cache of `batch` sequences of prompt_len + gen_len tokens."""
+    kv = sum(2 * s.n_kv_heads * s.head_dim for s in dense.layers)
+    item = dense.dtype.itemsize
+    return dense.parameters() * item + workload.batch * (workload.prompt_len + workload.gen_len) * kv * item
+
+
+def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
+                  dtype: str | None, threads: int | None, notice: Callable[[str], None]):
+    """The stored table for target × flow × model × workload; else profile the host, or estimate."""
+    from profilers.profile import PROFILERS, profile_table
+    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
+
+    model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
+    sfp = strategy_fingerprint(strategy_dir)
+    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload)
+    if path.is_file():
+        table = LatencyTable.load(path)
+        table.check(model, sfp)
+        if table.source == "estimated":
+            notice(f"latency table {path} is ESTIMATED (roofline); measure it on the device: "
+                   f"amoeba-export profile --target host --flow {flow}")
+        elif target["name"] == "host" and table.provenance.get("hardware") != hardware_fingerprint(target):
+            notice(f"latency table {path} was measured on other hardware ({table.provenance.get('hardware')}); "
+                   f"re-measure here with: amoeba-export profile --target host --flow {flow}")
+        return table, path
+    if target["name"] == "host" and flow in PROFILERS:
+        notice(f"no latency table for host/{flow}/{workload.key()}: profiling this machine now "
+               f"(the same as `amoeba-export profile --target host --flow {flow}`)")
+        return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, dtype=dtype, threads=threads)
+    plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
+    table = build_estimated(plans, target=target, flow=flow, model=model, strategy=sfp, workload=workload)
+    table.save(path)
+    notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
+           f"measure it on the device with: amoeba-export profile --target host --flow {flow}")
+    return table, path
+
+
+def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[str], None]):
+    from .score import AccuracyTable, EvalConfig, default_path, score_shapes, strategy_fingerprint
+
+    path = default_path(strategy_dir)
+    if path.is_file():
+        return AccuracyTable.load(path, elastic.info["fingerprint"], strategy_fingerprint(strategy_dir))
+    notice(f"no accuracy table beside the strategy: scoring every shape now (resumable; `amoeba-export score`) -> {path}")
+    return score_shapes(elastic, list(elastic.strategy.space), EvalConfig(), path)
+
+
+def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, budget_s: float, out: Path | None, *,
+                   memory_budget: int | None = None, dtype: str | None = None, threads: int | None = None,
+                   dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
+                   notice: Callable[[str], None] = print) -> dict:
+    """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
+    from profilers.profile import PROFILERS
+
+    from .search import plot_pareto, search
+
+    get_exporter(flow)
+    acc = accuracy_table(elastic, strategy_dir, notice)
+    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, dtype, threads, notice)
+    latency = table.as_mapping()
+    plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
+    mem = {s: memory_bytes(d, workload) for s, d in plans.items()} if memory_budget else None
+    result = search(acc.scores(), latency, budget_s, mem, memory_budget)
+    summary = {
+        "target": target["name"], "flow": flow, "workload": workload.to_json(), "budget_s": budget_s,
+        "memory_budget": memory_budget, "shape": str(result.shape), "predicted_latency_s": result.latency_s,
+        "score": result.score, "score_definition": "-log(held-out perplexity)", "table": str(table_path),
+        "table_source": table.source, "table_validation": table.validation, "search": result.as_dict(),
+        "parameters": plans[result.shape].parameters(), "measured_latency_s": None, "out": None,
+    }
+    if dry_run:
+        return summary
+    out = Path(out or f"out/{target['name']}-{flow}-{result.shape}")
+
+    def finish(tmp: Path, body: dict) -> None:
+        plot_pareto(tmp / "pareto.png", acc.scores(), latency, budget_s, result.shape,
+                    f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
+        measured = None
+        if target["name"] == "host" and flow in PROFILERS:
+            rec = PROFILERS[flow].profile_artifact(tmp, workload, threads=threads, metrics=(workload.metric,))
+            measured = rec["timings"][workload.metric]
+        summary["measured_latency_s"] = measured["median"] if measured else None
+        body["latency"] = {"metric": workload.metric, "workload": workload.to_json(), "budget_s": budget_s,
+                           "predicted_s": result.latency_s, "table": str(table_path), "table_source": table.source,
+                           "table_validation": table.validation, "measured": measured}
+        body["search"] = result.as_dict()
+
+    compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
+                  before_manifest=finish)
+    summary["out"] = str(out)
+    return summary

@@ -41,7 +41,7 @@ def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strat
         raise UserError(f"profiling measures the machine it runs on: use --target host here, or run this command on the {target['name']}")
     plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
-    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, **({"root": root} if root else {}))
+    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root)
     checkpoint = path.with_name(f".{path.name}.partial")
     table = build_measured(
         plans, lambda s: measure_shape(elastic, s, flow, workload, dtype=dtype, threads=threads, **measure_kwargs),

@@ -99,7 +99,8 @@ class LatencyTable:
         return {Shape.parse(k): self.latency(Shape.parse(k)) for k in self.entries}
 
     @staticmethod
-    def path(target: str, flow: str, model_name: str, workload: Workload, root: Path = ROOT) -> Path:
+    def path(target: str, flow: str, model_name: str, workload: Workload, root: Path | None = None) -> Path:
+        root = root or Path(os.environ.get("AMOEBA_EXPORT_TABLES") or ROOT)
         return Path(root) / target / flow / model_name / f"{workload.key()}.json"
 
     def save(self, path: Path) -> None:

@@ -58,7 +58,7 @@ def test_export_and_shapes(setup, capsys, tmp_path):
     (["--target", "host", "--flow", "pytorch", "--shape", "5by0.5"], "malformed shape '5by0.5'"),
     (["--target", "host", "--flow", "pytorch", "--shape", "5x1.5"], "out of range"),
     (["--target", "host", "--flow", "pytorch", "--shape", "2x0.5"], "not in the calibrated space"),
-    (["--target", "host", "--flow", "pytorch"], "missing --shape"),
+    (["--target", "host", "--flow", "pytorch"], "missing --budget (or --shape)"),
 ])
 def test_bad_arguments(setup, capsys, tmp_path, args, needle):
     model, sdir, _ = setup
