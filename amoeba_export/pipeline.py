@@ -127,8 +127,13 @@ def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[
     from .score import AccuracyTable, EvalConfig, default_path, score_shapes, strategy_fingerprint
 
     path = default_path(strategy_dir)
-    if path.is_file():
-        return AccuracyTable.load(path, elastic.info["fingerprint"], strategy_fingerprint(strategy_dir))
+    # The default eval set's table, else any complete table beside the strategy (e.g. a shipped one
+    # scored on a smaller eval set), else score now.
+    for candidate in [path] + sorted(p for p in Path(strategy_dir).glob("accuracy-*.json") if p != path):
+        if candidate.is_file():
+            table = AccuracyTable.load(candidate, elastic.info["fingerprint"], strategy_fingerprint(strategy_dir))
+            if set(table.entries) >= set(elastic.strategy.space):
+                return table
     notice(f"no accuracy table beside the strategy: scoring every shape now (resumable; `amoeba-export score`) -> {path}")
     return score_shapes(elastic, list(elastic.strategy.space), EvalConfig(), path)
 

@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--validate", type=int, default=10)
-    ap.add_argument("--skip-budgets", action="store_true")
+    ap.add_argument("--save", default=None, help="write every shape's features and measured median to this JSON")
+    ap.add_argument("--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)")
     args = ap.parse_args()
 
     from amoeba_export.cli import load_elastic
@@ -76,6 +77,11 @@ def main() -> None:
     t_all = sum(v[1] for v in cache.values())
     measured = {s: cache[s][0]["median"] for s in plans}
 
+    if args.save:
+        import json
+
+        Path(args.save).write_text(json.dumps({str(s): {"features": features(plans[s]), "median": measured[s],
+                                                        "fit": str(s) in fit_shapes} for s in plans}, indent=1))
     others = [s for s in plans if str(s) not in fit_shapes]
     v = validation_figures([table.entries[str(s)]["predicted"] for s in others], [measured[s] for s in others])
     print("\n== prediction quality (per-component model vs end-to-end measurement) ==")
@@ -89,6 +95,8 @@ def main() -> None:
           f"every shape end to end: {t_all:.1f} s")
     print(f"ratio fit-only / all = {t_fit_only / t_all:.3f}; table incl. validation / all = {t_table / t_all:.3f}")
 
+    if args.skip_budgets:  # search and budgets need the accuracy table
+        return
     from amoeba_export.pipeline import accuracy_table
 
     acc = accuracy_table(elastic, sdir, print).scores()
@@ -102,8 +110,6 @@ def main() -> None:
     print(f"one search over {len(lat)} shapes: {t_search*1e3:.2f} ms; hierarchical == exhaustive: {r.agrees_with_exhaustive}; "
           f"latency lookups {r.evaluated}/{len(lat)}")
 
-    if args.skip_budgets:
-        return
     dense = measured[max(plans)]
     print("\n== budget adherence (fresh export, measured again) ==")
     print(f"dense {max(plans)} measured TPOT {format_time(dense)}")

@@ -5,7 +5,7 @@ per-component model
 
     latency ≈ fixed + Σ_kept layers (per_layer + per_query_head·h + per_kv_head·kv + per_channel·I)
 
-fitted by least squares (`FEATURES`), then checked against measurements of *other* shapes: the
+fitted by non-negative least squares (`FEATURES`), then checked against measurements of *other* shapes: the
 table carries those validation figures (median absolute error, share within ±10%), so a user sees
 how far to trust a prediction. An estimated table comes from the roofline (profilers/roofline.py)
 and says so everywhere. Files: `latency_tables/<target>/<flow>/<model>/<workload>.json`; never
@@ -43,12 +43,24 @@ def features(dense) -> list[float]:
 
 
 def fit(X: list[list[float]], y: list[float]) -> list[float]:
-    """Least-squares coefficients; columns that do not vary in X get 0 (not identifiable)."""
+    """Non-negative least squares (a simple active set: drop the most negative term, refit).
+
+    Every term is a real cost, so none may be negative; with features as correlated as layers,
+    heads and channels of real shapes, plain least squares trades a negative term for a larger one
+    and extrapolates badly. Columns are scaled first so the solve is well conditioned.
+    """
     X, y = np.asarray(X, float), np.asarray(y, float)
     scale = np.abs(X).max(0)
     scale[scale == 0] = 1
-    coef, *_ = np.linalg.lstsq(X / scale, y, rcond=None)
-    return (coef / scale).tolist()
+    A = X / scale
+    cols = list(range(A.shape[1]))
+    while True:
+        c, *_ = np.linalg.lstsq(A[:, cols], y, rcond=None)
+        if (c >= 0).all() or len(cols) == 1:
+            coef = np.zeros(A.shape[1])
+            coef[cols] = np.maximum(c, 0)
+            return (coef / scale).tolist()
+        cols.pop(int(np.argmin(c)))
 
 
 def predict(coef: list[float], x: list[float]) -> float:
