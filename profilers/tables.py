@@ -14,7 +14,6 @@ pickle.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -75,12 +74,10 @@ def validation_figures(predicted: list[float], measured: list[float]) -> dict:
 
 
 def strategy_fingerprint(strategy_dir: Path | None) -> str | None:
-    if strategy_dir is None:
-        return None
-    h = hashlib.sha256()
-    for name in ("strategy.json", "strategy.safetensors"):
-        h.update((Path(strategy_dir) / name).read_bytes())
-    return h.hexdigest()[:16]
+    """The strategy's fingerprint (as the accuracy table records it), None without a strategy."""
+    from amoeba_export.score import strategy_fingerprint as fingerprint
+
+    return None if strategy_dir is None else fingerprint(strategy_dir)
 
 
 def hardware_fingerprint(target: dict) -> dict:
