@@ -238,6 +238,31 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
 
 
 @cli.command()
+@MODEL
+@STRATEGY
+@click.option("--heldout", default="boolq", show_default=True, help="Held-out text: boolq, lambada, squad, or a .txt/.jsonl file.")
+@click.option("--windows", type=int, default=16, show_default=True, help="Perplexity windows.")
+@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--tasks", default="arc_easy,piqa", show_default=True, help="Multiple-choice tasks (comma-separated; empty for none).")
+@click.option("--mc-limit", type=int, default=200, show_default=True, help="Items per task.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def score(model, strategy_dir, heldout, windows, seq_len, tasks, mc_limit, seed):
+    """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy."""
+    from .score import EvalConfig, default_path, score_shapes
+
+    cfg = EvalConfig(heldout=heldout, ppl_windows=windows, seq_len=seq_len, seed=seed,
+                     mc_tasks=tuple(t for t in tasks.split(",") if t), mc_limit=mc_limit)
+    elastic, sdir = load_elastic(model, strategy_dir)
+    out = default_path(sdir, cfg)
+    t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
+    click.echo(table([{"shape": str(s), "ppl": f"{e['ppl']:.2f}",
+                       "mc acc": f"{e['mc_mean_acc']:.3f}" if e["mc_mean_acc"] is not None else "-",
+                       "score": f"{t.score(s):.3f}"} for s, e in sorted(t.entries.items(), reverse=True)],
+                     ["shape", "ppl", "mc acc", "score"]))
+    click.echo(f"wrote {out}")
+
+
+@cli.command()
 @click.argument("npy", type=click.Path())
 @MODEL
 @click.option("--out", required=True, metavar="DIR")
