@@ -121,3 +121,22 @@ def test_console_script_entry_point(setup, tmp_path):
     p = subprocess.run([sys.executable, "-m", "amoeba_export.cli", "--target", "host", "--flow", "pytorch",
                         "--shape", "x", "--model", str(model), "--strategy", str(sdir)], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "error: malformed shape 'x': write DEPTHxWIDTH, e.g. 24x0.75"
+
+
+def test_score_command(setup, capsys, tmp_path):
+    import random
+
+    model, sdir, _ = setup
+    s2 = tmp_path / "s"
+    shutil.copytree(sdir, s2)
+    random.seed(1)
+    text = tmp_path / "held.txt"
+    text.write_text("\n\n".join(" ".join(f"w{random.randrange(90)}" for _ in range(120)) for _ in range(10)))
+    args = ["score", "--model", str(model), "--strategy", str(s2), "--heldout", str(text), "--windows", "2",
+            "--seq-len", "32", "--tasks", ""]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    tables = list(s2.glob("accuracy-*.json"))
+    assert len(tables) == 1 and out.count("x") >= 12
+    doc = json.loads(tables[0].read_text())
+    assert len(doc["entries"]) == 12 and all(e["ppl"] > 1 for e in doc["entries"].values())
