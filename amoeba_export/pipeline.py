@@ -46,7 +46,7 @@ def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
 
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
-                  adapter_dir: Path | None = None, extra: dict | None = None,
+                  adapter_dir: Path | None = None,
                   before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
     """Materialize, emit, verify and write the manifest (last). `before_manifest(dir, body)` may add
     files and manifest fields (the search's plot, the artifact's measured latency)."""
@@ -75,7 +75,6 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "materialize": dense.record,
             "uniform": dense.uniform,
             "parity": parity,
-            **(extra or {}),
         }
         if before_manifest is not None:
             before_manifest(tmp, body)

@@ -4,7 +4,6 @@ import json
 import pytest
 
 import tiny
-from amoeba_export.cli import main
 from amoeba_export.score import AccuracyTable, EvalConfig, default_path, strategy_fingerprint
 
 
@@ -22,12 +21,7 @@ def setup(tiny_gqa, tmp_path, monkeypatch):
     return tiny_gqa, sdir, tmp_path
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = tiny.run_cli
 
 
 def test_budget_profiles_searches_exports_and_measures(setup, capsys):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import tiny
-from amoeba_export.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +20,7 @@ def setup(tmp_path_factory, tiny_gqa):
     return tiny_gqa, sdir, root
 
 
-def run(capsys, *args):
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
+run = tiny.run_cli
 
 
 def assert_user_error(code, err, needle):

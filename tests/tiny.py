@@ -74,3 +74,16 @@ def random_strategy(model_dir: Path, widths=(1.0, 0.75, 0.5), seed=0, min_depth=
             per.append(LayerWidth(q, c, rng.normal(0, 0.1, H).astype(np.float32), rng.normal(0, 0.1, H).astype(np.float32)))
         plans[w] = per
     return Strategy(model=info, depths=depths, widths=plans, meta={"source": "random (tests)"})
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from amoeba_export.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
