@@ -240,18 +240,19 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
 @cli.command()
 @MODEL
 @STRATEGY
-@click.option("--heldout", default="boolq", show_default=True, help="Held-out text: boolq, lambada, squad, or a .txt/.jsonl file.")
-@click.option("--windows", type=int, default=16, show_default=True, help="Perplexity windows.")
-@click.option("--seq-len", type=int, default=512, show_default=True)
-@click.option("--tasks", default="arc_easy,piqa", show_default=True, help="Multiple-choice tasks (comma-separated; empty for none).")
-@click.option("--mc-limit", type=int, default=200, show_default=True, help="Items per task.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--heldout", default=None, help="Held-out text: boolq (default), lambada, squad, or a .txt/.jsonl file.")
+@click.option("--windows", type=int, default=None, help="Perplexity windows (default: EvalConfig's, 8).")
+@click.option("--seq-len", type=int, default=None, help="Tokens per window (default 512).")
+@click.option("--tasks", default=None, help="Multiple-choice tasks, comma-separated, '' for none (default arc_easy,piqa).")
+@click.option("--mc-limit", type=int, default=None, help="Items per task (default 50).")
+@click.option("--seed", type=int, default=None)
 def score(model, strategy_dir, heldout, windows, seq_len, tasks, mc_limit, seed):
     """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy."""
     from .score import EvalConfig, default_path, score_shapes
 
-    cfg = EvalConfig(heldout=heldout, ppl_windows=windows, seq_len=seq_len, seed=seed,
-                     mc_tasks=tuple(t for t in tasks.split(",") if t), mc_limit=mc_limit)
+    given = {"heldout": heldout, "ppl_windows": windows, "seq_len": seq_len, "mc_limit": mc_limit, "seed": seed,
+             "mc_tasks": None if tasks is None else tuple(t for t in tasks.split(",") if t)}
+    cfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     elastic, sdir = load_elastic(model, strategy_dir)
     out = default_path(sdir, cfg)
     t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)

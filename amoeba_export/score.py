@@ -298,39 +298,3 @@ def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: boo
         if bar is not None:
             bar.close()
     return table
-
-
-def main(argv=None) -> None:
-    """`python -m amoeba_export.score`: score every shape of a strategy into its default table."""
-    import argparse
-
-    from .cli import load_elastic
-
-    ap = argparse.ArgumentParser(prog="python -m amoeba_export.score", description=main.__doc__)
-    d = EvalConfig()
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--strategy", default=None)
-    ap.add_argument("--heldout", default=d.heldout)
-    ap.add_argument("--windows", type=int, default=d.ppl_windows)
-    ap.add_argument("--seq-len", type=int, default=d.seq_len)
-    ap.add_argument("--tasks", default=",".join(d.mc_tasks))
-    ap.add_argument("--mc-limit", type=int, default=d.mc_limit)
-    ap.add_argument("--seed", type=int, default=d.seed)
-    a = ap.parse_args(argv)
-    cfg = EvalConfig(heldout=a.heldout, ppl_windows=a.windows, seq_len=a.seq_len, seed=a.seed,
-                     mc_tasks=tuple(t for t in a.tasks.split(",") if t), mc_limit=a.mc_limit)
-    try:
-        elastic, sdir = load_elastic(a.model, a.strategy)
-        out = default_path(sdir, cfg)
-        table = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    for s, e in sorted(table.entries.items(), reverse=True):
-        mc = e["mc_mean_acc"]
-        print(f"{str(s):>9}  ppl {e['ppl']:10.3f}  mc {mc if mc is None else f'{mc:.3f}'}")
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
