@@ -31,13 +31,13 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 def load_elastic(model, strategy_dir):
-    from .base_model import model_info, resolve_model
     from .elastic import ElasticModel
     from .strategy import Strategy, locate
 
-    model_dir = resolve_model(model)
-    sdir = locate(model_info(model_dir), strategy_dir)
-    return ElasticModel(model_dir, Strategy.load(sdir)), sdir
+    elastic = ElasticModel(model)
+    sdir = locate(elastic.info, strategy_dir)
+    elastic.use_strategy(Strategy.load(sdir))
+    return elastic, sdir
 
 
 WORKLOAD = [

@@ -35,11 +35,14 @@ class WeightSource:
     def __init__(self, model_dir: Path):
         self._where: dict[str, Path] = {}
         self._shapes: dict[str, list[int]] = {}
+        self._dtypes: dict[str, str] = {}
         for f in weight_files(model_dir):
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
+                    part = handle.get_slice(name)
                     self._where[name] = f
-                    self._shapes[name] = list(handle.get_slice(name).get_shape())
+                    self._shapes[name] = list(part.get_shape())
+                    self._dtypes[name] = part.get_dtype()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -53,18 +56,31 @@ class WeightSource:
     def shape(self, name: str) -> list[int]:
         return list(self._shapes[name])
 
+    def dtype(self, name: str) -> torch.dtype:
+        """From the header: no tensor is read."""
+        return _ST_DTYPES[self._dtypes[name]]
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
 
 class ElasticModel:
     def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None):
         self.dir = resolve_model(model)
         self.config = read_json(self.dir / "config.json")
         self.info = model_info(self.dir)
-        self.strategy = strategy
+        self.strategy = None
         if strategy is not None:
-            strategy.check_model(self.info)
+            self.use_strategy(strategy)
         self.adapter = adapter
         self.weights = WeightSource(self.dir)
         self._hf = None
+        self._tokenizer = None
+
+    def use_strategy(self, strategy: Strategy) -> None:
+        """Attach a strategy after checking it was made for this model."""
+        strategy.check_model(self.info)
+        self.strategy = strategy
 
     # ------------------------------------------------------------- the model
     @property
@@ -84,9 +100,12 @@ class ElasticModel:
         return self._hf
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
+        """The base model's tokenizer (loaded once)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.dir)
+            self._tokenizer = AutoTokenizer.from_pretrained(self.dir)
+        return self._tokenizer
 
     def shape_plan(self, shape: Shape) -> tuple[list[int], list[LayerWidth]]:
         if self.strategy is None:

@@ -192,7 +192,7 @@ def materialize(elastic: ElasticModel, shape: Shape, dtype: str | torch.dtype | 
     D = info["head_dim"]
     specs = [LayerSpec(len(p.q_heads), len(p.kv_heads), D, len(p.channels), attn_bias, mlp_bias) for p in plans]
     if dtype is None:
-        dtype = w.get("model.norm.weight").dtype
+        dtype = w.dtype("model.norm.weight")
     elif isinstance(dtype, str):
         dtype = DTYPES[dtype]
     padding = {
