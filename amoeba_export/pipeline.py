@@ -92,8 +92,9 @@ def memory_bytes(dense: DenseModel, workload) -> int:
 
 
 def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
-                  dtype: str | None, threads: int | None, notice: Callable[[str], None]):
-    """The stored table for target × flow × model × workload; else profile the host, or estimate."""
+                  plans: dict, dtype: str | None, threads: int | None, notice: Callable[[str], None]):
+    """The stored table for target × flow × model × workload; else profile the host, or estimate.
+    `plans` maps every shape to its DenseModel plan."""
     from profilers.profile import PROFILERS, profile_table
     from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
 
@@ -113,8 +114,8 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     if target["name"] == "host" and flow in PROFILERS:
         notice(f"no latency table for host/{flow}/{workload.key()}: profiling this machine now "
                f"(the same as `amoeba-export profile --target host --flow {flow}`)")
-        return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, dtype=dtype, threads=threads)
-    plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
+        return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, dtype=dtype, threads=threads,
+                             plans=plans)
     table = build_estimated(plans, target=target, flow=flow, model=model, strategy=sfp, workload=workload)
     table.save(path)
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
@@ -142,15 +143,15 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                    dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
                    notice: Callable[[str], None] = print) -> dict:
     """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
-    from profilers.profile import PROFILERS
+    from profilers.profile import PROFILERS, time_artifact
 
     from .search import plot_pareto, search
 
     get_exporter(flow)
     acc = accuracy_table(elastic, strategy_dir, notice)
-    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, dtype, threads, notice)
-    latency = table.as_mapping()
     plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
+    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, dtype, threads, notice)
+    latency = table.as_mapping()
     mem = {s: memory_bytes(d, workload) for s, d in plans.items()} if memory_budget else None
     result = search(acc.scores(), latency, budget_s, mem, memory_budget)
     summary = {
@@ -169,8 +170,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                     f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         measured = None
         if target["name"] == "host" and flow in PROFILERS:
-            rec = PROFILERS[flow].profile_artifact(tmp, workload, threads=threads, metrics=(workload.metric,))
-            measured = rec["timings"][workload.metric]
+            measured = time_artifact(tmp, flow, workload, threads=threads)
         summary["measured_latency_s"] = measured["median"] if measured else None
         body["latency"] = {"metric": workload.metric, "workload": workload.to_json(), "budget_s": budget_s,
                            "predicted_s": result.latency_s, "table": str(table_path), "table_source": table.source,

@@ -20,26 +20,31 @@ from .workload import Workload
 PROFILERS = {"pytorch": pytorch}
 
 
-def measure_shape(elastic, shape, flow: str, workload: Workload, *, dtype=None, threads=None, **measure_kwargs) -> dict:
-    """Export `shape` for `flow` into a temporary directory and time `workload` on it."""
+def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **measure_kwargs) -> dict:
+    """Time `workload.metric` on an exported artifact: the Timing fields, the environment, the threads."""
     if flow not in PROFILERS:
         raise UserError(f"no profiler for flow {flow!r} on this machine (have: {', '.join(PROFILERS)})")
-    exporter = get_exporter(flow)
-    with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
-        exporter.emit(materialize(elastic, shape, dtype), Path(tmp), elastic.dir)
-        record = PROFILERS[flow].profile_artifact(tmp, workload, threads=threads, metrics=(workload.metric,), **measure_kwargs)
+    record = PROFILERS[flow].profile_artifact(path, workload, threads=threads, metrics=(workload.metric,), **measure_kwargs)
     timing = dict(record["timings"][workload.metric])
     timing["environment"] = record["environment"]
     timing["threads"] = record["runtime"]["threads"]
     return timing
 
 
+def measure_shape(elastic, shape, flow: str, workload: Workload, *, dtype=None, threads=None, **measure_kwargs) -> dict:
+    """Export `shape` for `flow` into a temporary directory and time `workload` on it."""
+    exporter = get_exporter(flow)
+    with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
+        exporter.emit(materialize(elastic, shape, dtype), Path(tmp), elastic.dir)
+        return time_artifact(Path(tmp), flow, workload, threads=threads, **measure_kwargs)
+
+
 def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strategy_dir: Path | None = None,
                   dtype=None, threads=None, n_validate: int = 10, measure_all: bool = False,
-                  root: Path | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
+                  root: Path | None = None, plans: dict | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
     if target["name"] != "host":
         raise UserError(f"profiling measures the machine it runs on: use --target host here, or run this command on the {target['name']}")
-    plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
+    plans = plans or {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root)
     checkpoint = path.with_name(f".{path.name}.partial")
