@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.metadata
 import math
 import os
 import platform
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 from amoeba_export.errors import UserError
+from amoeba_export.manifest import versions
+from targets import cpu_model
 
 STOP_REASONS = ("stable", "max_repeats", "max_seconds")
 
@@ -252,7 +253,7 @@ def environment() -> dict:
     env = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(cpus),
         "physical_cores": physical_cores(),
@@ -262,7 +263,7 @@ def environment() -> dict:
         "loadavg": _loadavg(),
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
                        if k in os.environ},
-        "versions": {"python": platform.python_version(), **_versions("torch", "transformers", "numpy", "amoeba-export")},
+        "versions": versions(),
         "cuda": _cuda(torch),
         "jetson": _jetson(),
     }
@@ -311,14 +312,6 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    text = _read("/proc/cpuinfo") or ""
-    for line in text.splitlines():
-        if line.startswith(("model name", "Model", "Hardware")):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def _governor(cpus: list[int]) -> str | dict | None:
     """One name when every usable CPU has the same governor, {cpu: name} when they differ,
     None where cpufreq is not exposed (containers, most VMs)."""
@@ -334,16 +327,6 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         return None
-
-
-def _versions(*packages: str) -> dict:
-    out = {}
-    for p in packages:
-        try:
-            out[p] = importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError:
-            out[p] = None
-    return out
 
 
 def _cuda(torch) -> dict | None:

@@ -167,6 +167,17 @@ def _typename(typ) -> str:
 
 # ---------------------------------------------------------------- host detection
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (x86 "model name", Arm "Model"/"Hardware")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def detect_host() -> dict:
     """The running machine as a target. Probes run once per process; each call returns a fresh copy."""
     return copy.deepcopy(_detect_host())
@@ -174,14 +185,7 @@ def detect_host() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def _detect_host() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     cores = os.cpu_count() or 1
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
