@@ -18,6 +18,12 @@ from .shapes import Shape
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def weight_name(layer: int, proj: str) -> str:
+    """HF name of a projection's weight: attention projections live under self_attn, the rest under mlp."""
+    block = "self_attn" if proj in PROJECTIONS[:4] else "mlp"
+    return f"model.layers.{layer}.{block}.{proj}.weight"
+
+
 @dataclass
 class LoRADelta:
     A: torch.Tensor  # [r, in]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .adapter import PROJECTIONS, Adapter
+from .adapter import PROJECTIONS, Adapter, weight_name
 from .base_model import model_info, resolve_model, weight_files
 from .errors import UserError
 from .io import read_json
@@ -147,7 +147,8 @@ class ElasticModel:
                     for proj in PROJECTIONS:
                         delta = self.adapter.delta(shape, i, proj)
                         if delta is not None:
-                            hooks.append(_projection(block, proj).register_forward_hook(lora(delta)))
+                            module = model.get_submodule(weight_name(i, proj).removesuffix(".weight"))
+                            hooks.append(module.register_forward_hook(lora(delta)))
             model.model.layers = torch.nn.ModuleList([blocks[i] for i in kept])
             yield model
         finally:
@@ -167,6 +168,3 @@ class ElasticModel:
     def logits_fn(self, shape: Shape | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ids: self.logits(ids, shape)
 
-
-def _projection(block, proj: str) -> torch.nn.Module:
-    return getattr(block.self_attn if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, proj)

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .adapter import weight_name
 from .elastic import ElasticModel
 from .shapes import Shape
 
@@ -111,23 +112,23 @@ class DenseModel:
             D = spec.head_dim
             yield dst + "input_layernorm.weight", w.get(src + "input_layernorm.weight").to(dt)
             for proj, heads in (("q_proj", plan.q_heads), ("k_proj", plan.kv_heads), ("v_proj", plan.kv_heads)):
-                weight = _gather(self._merged(plan.source, "self_attn", proj), heads, D)
+                weight = _gather(self._merged(plan.source, proj), heads, D)
                 yield dst + f"self_attn.{proj}.weight", weight.to(dt)
                 if spec.attn_bias:
                     n = em.info["n_heads" if proj == "q_proj" else "n_kv_heads"] * D
                     base = _base_bias(w, src + f"self_attn.{proj}.bias", n)
                     yield dst + f"self_attn.{proj}.bias", _gather(base, heads, D).to(dt)
-            o = self._merged(plan.source, "self_attn", "o_proj")
+            o = self._merged(plan.source, "o_proj")
             yield dst + "self_attn.o_proj.weight", _gather(o, plan.q_heads, D, dim=1).to(dt)
             if spec.attn_bias:
                 yield dst + "self_attn.o_proj.bias", (_base_bias(w, src + "self_attn.o_proj.bias", self.hidden_size) + torch.from_numpy(plan.o_bias)).to(dt)
             yield dst + "post_attention_layernorm.weight", w.get(src + "post_attention_layernorm.weight").to(dt)
             for proj in ("gate_proj", "up_proj"):
-                yield dst + f"mlp.{proj}.weight", _gather(self._merged(plan.source, "mlp", proj), plan.channels, 1).to(dt)
+                yield dst + f"mlp.{proj}.weight", _gather(self._merged(plan.source, proj), plan.channels, 1).to(dt)
                 if spec.mlp_bias:
                     base = _base_bias(w, src + f"mlp.{proj}.bias", em.info["n_ff"])
                     yield dst + f"mlp.{proj}.bias", _gather(base, plan.channels, 1).to(dt)
-            down = self._merged(plan.source, "mlp", "down_proj")
+            down = self._merged(plan.source, "down_proj")
             yield dst + "mlp.down_proj.weight", _gather(down, plan.channels, 1, dim=1).to(dt)
             if spec.mlp_bias:
                 yield dst + "mlp.down_proj.bias", (_base_bias(w, src + "mlp.down_proj.bias", self.hidden_size) + torch.from_numpy(plan.down_bias)).to(dt)
@@ -135,8 +136,8 @@ class DenseModel:
         if not self.tied:
             yield "lm_head.weight", w.get("lm_head.weight").to(dt)
 
-    def _merged(self, layer: int, block: str, proj: str) -> torch.Tensor:
-        weight = self._elastic.weights.get(f"model.layers.{layer}.{block}.{proj}.weight")
+    def _merged(self, layer: int, proj: str) -> torch.Tensor:
+        weight = self._elastic.weights.get(weight_name(layer, proj))
         adapter = self._elastic.adapter
         delta = adapter.delta(self._shape, layer, proj) if adapter is not None else None
         if delta is None:

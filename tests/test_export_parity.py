@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tiny
-from amoeba_export.adapter import LoRA, LoRADelta, PROJECTIONS
+from amoeba_export.adapter import LoRA, LoRADelta, PROJECTIONS, weight_name
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.exporters import pytorch
 from amoeba_export.io import safetensors_header
@@ -55,8 +55,7 @@ def test_lora_adapter_merge_matches_unmerged_reference(tiny_qwen, tmp_path):
     deltas = {}
     for layer in range(em.n_layers):
         for proj in PROJECTIONS:
-            block = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            out_f, in_f = w.shape(f"model.layers.{layer}.{block}.{proj}.weight")
+            out_f, in_f = w.shape(weight_name(layer, proj))
             deltas[(layer, proj)] = LoRADelta(torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3, 0.25)
     em.adapter = LoRA(deltas)
     ids = torch.randint(3, tiny.VOCAB, (1, 9), generator=g)
