@@ -55,15 +55,28 @@ def workload_options(f):
     return f
 
 
+def artifact_options(f):
+    """How the artifact is written: dtype or quantisation, and how legalize fits the shape to the flow."""
+    f = click.option("--strict", is_flag=True, help="Refuse to drop o_proj/down_proj biases the flow cannot express.")(f)
+    f = click.option("--layout", type=click.Choice(["auto", "native", "pad", "uniform"]), default="auto",
+                     show_default=True, help="native: per-layer sizes as calibrated; pad: exact zero-padding to one "
+                     "size per layer; uniform: re-select one size per layer (FLAP); auto: the best exact option "
+                     "the flow allows.")(f)
+    f = click.option("--dtype", default=None, metavar="DTYPE",
+                     help="float32, float16, bfloat16, or the flow's quantisation (gguf: q8_0, q4_k_m, ...); "
+                     "default: the target's for the flow.")(f)
+    return f
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
-@click.option("--flow", default=None, help="Inference flow: pytorch.")
+@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf (see DESIGN; trtllm and mlc build on the device).")
 @click.option("--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT).")
 @click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
 @click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
 @click.option("--out", default=None, metavar="DIR", help="Artifact directory (written atomically).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="Weight dtype of the artifact (default: the base model's).")
+@artifact_options
+@click.option("--no-build", is_flag=True, help="Skip the engine build (AOT package, optimised graph, K-quants).")
 @click.option("--threads", type=int, default=None, help="Threads when timing on the host (default: physical cores).")
 @click.option("--dry-run", is_flag=True, help="Stop after the search: print the choice and the Pareto front.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the masked reference.")
@@ -72,8 +85,8 @@ def workload_options(f):
 @STRATEGY
 @JSON
 @click.pass_context
-def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, threads, dry_run, no_verify, metric, batch,
-        prompt_len, gen_len, model, strategy_dir, as_json):
+def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, strict, no_build, threads, dry_run, no_verify,
+        metric, batch, prompt_len, gen_len, model, strategy_dir, as_json):
     """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device, inference flow and budget."""
     if ctx.invoked_subcommand is not None:
         return
@@ -102,7 +115,8 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, threads, dry_
         wl = Workload(batch, prompt_len, gen_len, metric)
         note = (lambda m: click.echo(f"note: {m}", err=True))
         summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=dtype,
-                                 threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir, notice=note)
+                                 threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir,
+                                 layout=layout, strict=strict, build=not no_build, notice=note)
         if as_json:
             click.echo(json.dumps(summary, indent=2, sort_keys=True))
             return
@@ -114,24 +128,32 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, threads, dry_
             "table": summary["table_source"],
         }], ["target", "flow", "shape", "params", f"{metric} predicted", f"{metric} measured", "budget", "table"]))
         click.echo(f"Pareto front ({len(summary['search']['pareto'])} shapes): {', '.join(summary['search']['pareto'])}")
+        if summary.get("legalize"):
+            click.echo(f"legalize ({summary['legalize']['layout']}): {'; '.join(summary['legalize']['changes'])}")
         click.echo("dry run: nothing written" if dry_run else f"wrote {summary['out']} (manifest.json, pareto.png)")
         return
     from .pipeline import compile_shape
 
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
-    res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir)
+    res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir,
+                        layout=layout, strict=strict, build=not no_build)
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
-               "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"]}
+               "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
+               "build": m["build"]}
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     p = m["parity"] or {}
     click.echo(table([{
         "target": target, "flow": flow, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
-        "layout": "uniform (stock class)" if m["uniform"] else "per-layer (amoeba_llama)",
+        "dtype": m["dtype"], "layout": f"{m['legalize']['layout']} ({'uniform' if m['uniform'] else 'per-layer'})",
         "max|Δlogit|": f"{p['max_abs_logit_diff']:.2e}" if p else "skipped",
-    }], ["target", "flow", "shape", "params", "layout", "max|Δlogit|"]))
+        "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
+    }], ["target", "flow", "shape", "params", "dtype", "layout", "max|Δlogit|", "greedy agree"]))
+    click.echo(f"legalize: {'; '.join(m['legalize']['changes'])}")
+    if m["build"]:
+        click.echo(f"built: {', '.join(m['build'].get('built') or []) or 'nothing'}")
     click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
 
 
@@ -144,8 +166,9 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, threads, dry_
 @click.option("--threads", type=int, default=None, help="Threads (default: physical cores).")
 @click.option("--validate", "n_validate", type=int, default=10, show_default=True, help="Extra shapes measured to validate the fit.")
 @click.option("--all", "measure_all", is_flag=True, help="Measure every shape end to end (slow; the reference).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
-def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, dtype):
+@artifact_options
+def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, dtype,
+            layout, strict):
     """Measure a latency table on this machine (resumable) into latency_tables/."""
     from targets import load_target
 
@@ -154,9 +177,16 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
 
     from .search import format_time
 
+    from .exporters import get_exporter
+    from .pipeline import legal_plans
+
+    get_exporter(flow)
+    tgt = load_target(target)
     elastic, sdir = load_elastic(model, strategy_dir)
-    tbl, path = profile_table(elastic, load_target(target), flow, Workload(batch, prompt_len, gen_len, metric),
-                              strategy_dir=sdir, dtype=dtype, threads=threads, n_validate=n_validate, measure_all=measure_all)
+    plans, quant, variant = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
+    tbl, path = profile_table(elastic, tgt, flow, Workload(batch, prompt_len, gen_len, metric), strategy_dir=sdir,
+                              threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans, quant=quant,
+                              variant=variant)
     v = tbl.validation
     click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
                        "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",

@@ -16,7 +16,7 @@ from .errors import UserError
 from .exporters import get_exporter
 from .io import atomic_dir
 from .manifest import hash_inputs, write_manifest
-from .materialize import DenseModel, materialize
+from .materialize import DTYPES, DenseModel, materialize
 from .shapes import Shape
 
 VERIFY_TEXT = "The capital of France is Paris. Deployment engineers compile one elastic model for many devices."
@@ -44,36 +44,102 @@ def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
     }
 
 
+def split_dtype(dtype: str | None, target: dict, flow: str, caps) -> tuple[str | None, str | None]:
+    """(DenseModel dtype, exporter quant) from `--dtype` or the target's default for the flow.
+
+    Float dtypes set the dense weights; anything else (q8_0, q4_k_m, ...) is the exporter's own
+    format, applied to fp weights. The default is the target's, where the flow can write it.
+    """
+    if dtype is None:
+        default = str(target.get("flow_defaults", {}).get(flow, {}).get("dtype", "")).lower() or None
+        dtype = default if default in caps.quants else None
+    if dtype is None:
+        return None, None
+    dtype = dtype.lower()
+    if dtype not in caps.quants:
+        raise UserError(f"flow {flow!r} cannot write dtype {dtype!r}: choose one of {', '.join(caps.quants)}")
+    return (dtype, None) if dtype in DTYPES else (None, dtype)
+
+
+def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256) -> Callable[[DenseModel], float]:
+    """Held-out perplexity of a DenseModel built in memory (what legalize measures when it changes the model)."""
+    from .exporters.pytorch import in_memory
+    from .metrics import perplexity
+    from .score import EvalConfig, eval_set
+
+    ids, _ = eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))
+
+    def ppl(dense: DenseModel) -> float:
+        model = in_memory(dense)
+        with torch.inference_mode():
+            return perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids)
+
+    return ppl
+
+
+def prepare(elastic: ElasticModel, shape: Shape, flow: str, target: dict, *, dtype: str | None = None,
+            layout: str = "auto", strict: bool = False, measure: bool = True):
+    """materialize → legalize: (DenseModel', LegalizeReport, quant) for `flow` on `target`.
+    `measure=False` plans only: what legalize changes in the model is not measured."""
+    from .legalize import legalize
+
+    caps = get_exporter(flow).CAPS
+    dense_dtype, quant = split_dtype(dtype, target, flow, caps)
+    dense = materialize(elastic, shape, dense_dtype)
+    ppl = dense_perplexity(elastic) if measure else None
+    dense, report = legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict, perplexity=ppl)
+    return dense, report, quant
+
+
+def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | None = None, layout: str = "auto",
+                strict: bool = False) -> tuple[dict, str | None, str | None]:
+    """Every shape's legalised DenseModel plan (what the flow would run: the search ranks these), the
+    exporter's quant, and the latency-table variant (None for the flow's default artifact)."""
+    plans, quant = {}, None
+    for s in elastic.strategy.space:
+        plans[s], _, quant = prepare(elastic, s, flow, target, dtype=dtype, layout=layout, strict=strict, measure=False)
+    default = str(target.get("flow_defaults", {}).get(flow, {}).get("dtype", "")).lower()
+    name = quant or (dtype.lower() if dtype else None)
+    parts = [p for p in (name if name and name != default else None, layout if layout != "auto" else None) if p]
+    return plans, quant, "-".join(parts) or None
+
+
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
-                  adapter_dir: Path | None = None,
+                  adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
                   before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
-    """Materialize, emit, verify and write the manifest (last). `before_manifest(dir, body)` may add
-    files and manifest fields (the search's plot, the artifact's measured latency)."""
+    """Materialize, legalize, emit, build, verify and write the manifest (last). `before_manifest(dir,
+    body)` may add files and manifest fields (the search's plot, the artifact's measured latency)."""
     exporter = get_exporter(flow)
     if flow not in target.get("flows", []):
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
     shape = elastic.strategy.resolve(shape)
-    dense = materialize(elastic, shape, dtype)
+    dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
     with atomic_dir(out) as tmp:
-        exporter.emit(dense, tmp, elastic.dir)
+        files = exporter.emit(dense, tmp, elastic.dir, quant=quant)
+        built = exporter.build(tmp, target, quant=quant) if build and hasattr(exporter, "build") else None
         parity = None
         if check:
-            parity = verify(elastic, shape, exporter.load(tmp))
-            parity["tolerance"] = TOLERANCE[dense.dtype]
-            if dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
+            # the reference is the elastic model the dense model came from (legalize may re-select)
+            parity = verify(dense._elastic, shape, exporter.load(tmp))
+            tol = getattr(exporter, "TOLERANCE", {}).get(quant or str(dense.dtype).removeprefix("torch."))
+            parity["tolerance"] = tol if tol is not None else TOLERANCE[dense.dtype]
+            if quant is None and dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
                 raise RuntimeError(f"parity check failed: {parity}")
         body = {
             "flow": flow,
             "target": target,
             "shape": str(shape),
-            "dtype": str(dense.dtype).removeprefix("torch."),
+            "dtype": quant or str(dense.dtype).removeprefix("torch."),
             "model": elastic.info,
             "inputs": hash_inputs({"model": elastic.dir, "strategy": strategy_dir, "adapter": adapter_dir}),
             "layers": [vars(s) for s in dense.layers],
             "parameters": dense.parameters(),
-            "materialize": dense.record,
+            "materialize": {k: v for k, v in dense.record.items() if k != "legalize"},
+            "legalize": report.to_json(),
             "uniform": dense.uniform,
+            "emitted": files,
+            "build": built,
             "parity": parity,
         }
         if before_manifest is not None:
@@ -84,23 +150,28 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
 
 # ------------------------------------------------------------------ the budgeted compile
 
-def memory_bytes(dense: DenseModel, workload) -> int:
-    """Weights plus the KV cache of `batch` sequences of prompt_len + gen_len tokens."""
+def memory_bytes(dense: DenseModel, workload, quant: str | None = None) -> int:
+    """Weights (at the quant's bits per weight, where the exporter quantises) plus the KV cache of
+    `batch` sequences of prompt_len + gen_len tokens."""
+    from profilers.roofline import BITS_PER_WEIGHT
+
     kv = sum(2 * s.n_kv_heads * s.head_dim for s in dense.layers)
     item = dense.dtype.itemsize
-    return dense.parameters() * item + workload.batch * (workload.prompt_len + workload.gen_len) * kv * item
+    bits = {k.lower(): v for k, v in BITS_PER_WEIGHT.items()}.get(quant or "", (8 * item,))[0]
+    return int(dense.parameters() * bits / 8) + workload.batch * (workload.prompt_len + workload.gen_len) * kv * item
 
 
 def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
-                  plans: dict, dtype: str | None, threads: int | None, notice: Callable[[str], None]):
-    """The stored table for target × flow × model × workload; else profile the host, or estimate.
-    `plans` maps every shape to its DenseModel plan."""
+                  plans: dict, quant: str | None, variant: str | None, threads: int | None,
+                  notice: Callable[[str], None]):
+    """The stored table for target × flow × model × workload (× variant); else profile the host, or
+    estimate. `plans` maps every shape to its legalised DenseModel plan."""
     from profilers.profile import PROFILERS, profile_table
     from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
-    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload)
+    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=variant)
     if path.is_file():
         table = LatencyTable.load(path)
         table.check(model, sfp)
@@ -114,8 +185,8 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     if target["name"] == "host" and flow in PROFILERS:
         notice(f"no latency table for host/{flow}/{workload.key()}: profiling this machine now "
                f"(the same as `amoeba-export profile --target host --flow {flow}`)")
-        return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, dtype=dtype, threads=threads,
-                             plans=plans)
+        return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, threads=threads,
+                             plans=plans, quant=quant, variant=variant)
     table = build_estimated(plans, target=target, flow=flow, model=model, strategy=sfp, workload=workload)
     table.save(path)
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
@@ -141,6 +212,7 @@ def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[
 def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, budget_s: float, out: Path | None, *,
                    memory_budget: int | None = None, dtype: str | None = None, threads: int | None = None,
                    dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
+                   layout: str = "auto", strict: bool = False, build: bool = True,
                    notice: Callable[[str], None] = print) -> dict:
     """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
     from profilers.profile import PROFILERS, time_artifact
@@ -149,10 +221,11 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
 
     get_exporter(flow)
     acc = accuracy_table(elastic, strategy_dir, notice)
-    plans = {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
-    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, dtype, threads, notice)
+    plans, quant, variant = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)
+    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, quant, variant, threads,
+                                      notice)
     latency = table.as_mapping()
-    mem = {s: memory_bytes(d, workload) for s, d in plans.items()} if memory_budget else None
+    mem = {s: memory_bytes(d, workload, quant) for s, d in plans.items()} if memory_budget else None
     result = search(acc.scores(), latency, budget_s, mem, memory_budget)
     summary = {
         "target": target["name"], "flow": flow, "workload": workload.to_json(), "budget_s": budget_s,
@@ -177,7 +250,9 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                            "table_validation": table.validation, "measured": measured}
         body["search"] = result.as_dict()
 
-    compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
-                  before_manifest=finish)
+    res = compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
+                        layout=layout, strict=strict, build=build, before_manifest=finish)
     summary["out"] = str(out)
+    summary["legalize"] = res.manifest["legalize"]
+    summary["parity"] = res.manifest["parity"]
     return summary

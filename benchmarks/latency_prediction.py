@@ -58,7 +58,7 @@ def main() -> None:
 
     def measure(shape):
         t0 = time.perf_counter()
-        rec = measure_shape(elastic, shape, "pytorch", wl, threads=args.threads)
+        rec = measure_shape(plans[shape], "pytorch", wl, elastic.dir, threads=args.threads)
         cache[shape] = (rec, time.perf_counter() - t0)
         return rec
 
@@ -116,7 +116,7 @@ def main() -> None:
     for frac in (0.6, 0.75, 0.9):
         budget = dense * frac
         r = search(acc, lat, budget)
-        again = measure_shape(elastic, r.shape, "pytorch", wl, threads=args.threads)["median"]
+        again = measure_shape(plans[r.shape], "pytorch", wl, elastic.dir, threads=args.threads)["median"]
         ok = again <= budget * 1.05
         print(f"budget {frac:.0%} = {format_time(budget)}: chose {r.shape} predicted {format_time(r.latency_s)}, "
               f"measured {format_time(again)} ({again / budget * 100:.1f}% of budget) {'OK' if ok else 'OVER'}")

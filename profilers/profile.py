@@ -31,28 +31,37 @@ def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **
     return timing
 
 
-def measure_shape(elastic, shape, flow: str, workload: Workload, *, dtype=None, threads=None, **measure_kwargs) -> dict:
-    """Export `shape` for `flow` into a temporary directory and time `workload` on it."""
+def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, quant=None, threads=None,
+                  **measure_kwargs) -> dict:
+    """Export the (legalised) DenseModel for `flow` into a temporary directory, build it as the
+    compile would, and time `workload` on it."""
     exporter = get_exporter(flow)
     with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
-        exporter.emit(materialize(elastic, shape, dtype), Path(tmp), elastic.dir)
+        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant)
+        if hasattr(exporter, "build"):
+            exporter.build(Path(tmp), {"name": "host"}, quant=quant)
         return time_artifact(Path(tmp), flow, workload, threads=threads, **measure_kwargs)
 
 
 def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strategy_dir: Path | None = None,
                   dtype=None, threads=None, n_validate: int = 10, measure_all: bool = False,
-                  root: Path | None = None, plans: dict | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
+                  root: Path | None = None, plans: dict | None = None, quant: str | None = None,
+                  variant: str | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
+    """Measure and store the table. `plans`: every shape's legalised DenseModel (default: as
+    materialized, for flows that take every shape as it is), exported with `quant`."""
     if target["name"] != "host":
         raise UserError(f"profiling measures the machine it runs on: use --target host here, or run this command on the {target['name']}")
     plans = plans or {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
-    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root)
+    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root, variant)
     checkpoint = path.with_name(f".{path.name}.partial")
     table = build_measured(
-        plans, lambda s: measure_shape(elastic, s, flow, workload, dtype=dtype, threads=threads, **measure_kwargs),
+        plans, lambda s: measure_shape(plans[s], flow, workload, elastic.dir, quant=quant, threads=threads,
+                                       **measure_kwargs),
         target=target, flow=flow, model=model, strategy=strategy_fingerprint(strategy_dir), workload=workload,
         n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint,
     )
+    table.provenance["artifact"] = {"quant": quant, "variant": variant}
     table.save(path)
     checkpoint.unlink(missing_ok=True)
     return table, path

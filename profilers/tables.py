@@ -108,9 +108,11 @@ class LatencyTable:
         return {Shape.parse(k): self.latency(Shape.parse(k)) for k in self.entries}
 
     @staticmethod
-    def path(target: str, flow: str, model_name: str, workload: Workload, root: Path | None = None) -> Path:
+    def path(target: str, flow: str, model_name: str, workload: Workload, root: Path | None = None,
+             variant: str | None = None) -> Path:
+        """`variant` names an artifact other than the flow's default (another dtype or layout)."""
         root = root or Path(os.environ.get("AMOEBA_EXPORT_TABLES") or ROOT)
-        return Path(root) / target / flow / model_name / f"{workload.key()}.json"
+        return Path(root) / target / flow / model_name / f"{workload.key()}{'-' + variant if variant else ''}.json"
 
     def save(self, path: Path) -> None:
         path = Path(path)

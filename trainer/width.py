@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amoeba_export.flap import compensate, scores, select_uniform
 from amoeba_export.strategy import LayerWidth, full_width
 
 
@@ -73,34 +74,6 @@ def collect_stats(model, windows: torch.Tensor, batch_size: int = 4, layers: int
     return out
 
 
-def _zscore(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / (x.std() + 1e-12)
-
-
-def scores(stats: dict, weights, info: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Per-layer standardised head scores [L, n_heads] and channel scores [L, n_ff]."""
-    L, D = info["n_layers"], info["head_dim"]
-    heads, chans = [], []
-    for i in range(L):
-        wo = weights.get(f"model.layers.{i}.self_attn.o_proj.weight").double().numpy()
-        wd = weights.get(f"model.layers.{i}.mlp.down_proj.weight").double().numpy()
-        attn = (stats["o_var"][i] * (wo ** 2).sum(0)) ** 2
-        mlp = stats["down_var"][i] * (wd ** 2).sum(0)
-        heads.append(_zscore(attn).reshape(-1, D).mean(1))
-        chans.append(_zscore(mlp))
-    return np.stack(heads), np.stack(chans)
-
-
-def _compensate(weights, info, stats, q_keep: np.ndarray, c_keep: np.ndarray, i: int) -> LayerWidth:
-    D = info["head_dim"]
-    wo = weights.get(f"model.layers.{i}.self_attn.o_proj.weight").double().numpy()
-    wd = weights.get(f"model.layers.{i}.mlp.down_proj.weight").double().numpy()
-    o_pruned = ~np.repeat(q_keep, D)
-    b_o = wo[:, o_pruned] @ stats["o_mean"][i][o_pruned].astype(np.float64)
-    b_d = wd[:, ~c_keep] @ stats["down_mean"][i][~c_keep].astype(np.float64)
-    return LayerWidth(q_keep, c_keep, b_o.astype(np.float32), b_d.astype(np.float32))
-
-
 def flap_widths(stats, weights, info, ratio: float, head_unit: str = "query") -> list[LayerWidth]:
     """Global (adaptive across layers and modules) FLAP selection at `ratio` of decoder parameters."""
     if ratio >= 1.0:
@@ -131,28 +104,15 @@ def flap_widths(stats, weights, info, ratio: float, head_unit: str = "query") ->
             q_keep[i, j] = True
         else:
             c_keep[i, j] = True
-    return [_compensate(weights, info, stats, q_keep[i], c_keep[i], i) for i in range(L)]
+    return [compensate(weights, info, stats, q_keep[i], c_keep[i], i) for i in range(L)]
 
 
 def uniform_widths(stats, weights, info, ratio: float, align: int = 32) -> list[LayerWidth]:
     """The same head and channel counts in every layer, chosen per layer by the FLAP scores."""
     if ratio >= 1.0:
         return full_width(info)
-    L, NH, NKV, n_ff = info["n_layers"], info["n_heads"], info["n_kv_heads"], info["n_ff"]
+    NH, NKV, n_ff = info["n_heads"], info["n_kv_heads"], info["n_ff"]
     G = NH // NKV
-    head_s, chan_s = scores(stats, weights, info)
+    heads = max(1, round(ratio * (NH if G == 1 else G)))
     c = int(min(n_ff, max(align, round(ratio * n_ff / align) * align)))
-    out = []
-    for i in range(L):
-        q = np.zeros(NH, bool)
-        if G == 1:
-            q[np.argsort(-head_s[i], kind="stable")[: max(1, round(ratio * NH))]] = True
-        else:
-            k = max(1, round(ratio * G))
-            for g in range(NKV):
-                best = np.argsort(-head_s[i, g * G:(g + 1) * G], kind="stable")[:k]
-                q[g * G + best] = True
-        ch = np.zeros(n_ff, bool)
-        ch[np.argsort(-chan_s[i], kind="stable")[:c]] = True
-        out.append(_compensate(weights, info, stats, q, ch, i))
-    return out
+    return [select_uniform(stats, weights, info, i, heads, c) for i in range(info["n_layers"])]

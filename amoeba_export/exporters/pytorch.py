@@ -15,11 +15,15 @@ import torch
 from tqdm import tqdm
 
 from ..io import write_json, write_safetensors_stream
+from ..legalize import FlowCaps
 from ..materialize import DenseModel
+
 REMOTE_CODE = "modeling_amoeba_llama.py"
 MODELING_FILE = Path(__file__).parent.parent / "modeling" / "amoeba_llama.py"  # copied, not imported
 
 NAME = "pytorch"
+# transformers takes any sizes (amoeba_llama for per-layer ones); the stock class wants hidden % heads == 0
+CAPS = FlowCaps(per_layer=True, o_down_bias=True, heads_divide_hidden=True)
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -97,7 +101,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None) -> list[str]:
     out_dir = Path(out_dir)
     write_json(out_dir / "config.json", hf_config(dense))
     files = ["config.json"]
@@ -109,6 +113,24 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path) -> list[str]:
         shutil.copyfile(MODELING_FILE, out_dir / REMOTE_CODE)
         files.append(REMOTE_CODE)
     return files
+
+
+def in_memory(dense: DenseModel):
+    """The dense model as a transformers module in memory (eval mode), without writing it out."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+
+    cfg = hf_config(dense)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
+    model.load_state_dict(dict(dense.tensors()), strict=not dense.tied, assign=True)
+    if dense.tied:
+        model.tie_weights()
+    rope = model.model.rotary_emb  # its inv_freq buffer is computed, not loaded: build it for real
+    model.model.rotary_emb = type(rope)(config=model.config)
+    return model.eval()
 
 
 def load(out_dir: Path):
