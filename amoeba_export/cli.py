@@ -140,7 +140,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
-               "build": m["build"]}
+               "engine": m["engine"]}
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
@@ -152,8 +152,9 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
     }], ["target", "flow", "shape", "params", "dtype", "layout", "max|Δlogit|", "greedy agree"]))
     click.echo(f"legalize: {'; '.join(m['legalize']['changes'])}")
-    if m["build"]:
-        click.echo(f"built: {', '.join(m['build'].get('built') or []) or 'nothing'}")
+    if m["engine"]:
+        e = m["engine"]
+        click.echo(f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else ""))
     click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
 
 

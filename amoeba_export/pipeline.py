@@ -139,7 +139,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "legalize": report.to_json(),
             "uniform": dense.uniform,
             "emitted": files,
-            "build": built,
+            "engine": built,
             "parity": parity,
         }
         if before_manifest is not None:

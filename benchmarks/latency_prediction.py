@@ -27,6 +27,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--strategy", default=None)
+    ap.add_argument("--flow", default="pytorch", help="pytorch, onnx or gguf (the host's runtimes)")
+    ap.add_argument("--dtype", default=None, help="dtype or quant (default: the host's for the flow)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=64)
@@ -36,7 +38,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.cli import load_elastic
-    from amoeba_export.materialize import materialize
+    from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time, search
     from profilers.profile import measure_shape
     from profilers.tables import build_measured, features, fit, predict, validation_figures
@@ -47,10 +49,12 @@ def main() -> None:
     elastic, sdir = load_elastic(args.model, args.strategy)
     wl = Workload(1, args.prompt_len, args.gen_len, "tpot")
     target = load_target("host")
-    plans = {s: materialize(elastic, s) for s in elastic.strategy.space}
+    flow = args.flow
+    plans, quant, _ = legal_plans(elastic, flow, target, dtype=args.dtype)
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     env = environment()
-    print(f"model {model['name']}, {len(plans)} shapes, workload {wl.key()}, threads {args.threads}")
+    print(f"model {model['name']}, flow {flow} ({quant or 'float'}), {len(plans)} shapes, workload {wl.key()}, "
+          f"threads {args.threads}")
     for w in env.get("warnings", []):
         print(f"  warning: {w}")
 
@@ -58,12 +62,12 @@ def main() -> None:
 
     def measure(shape):
         t0 = time.perf_counter()
-        rec = measure_shape(plans[shape], "pytorch", wl, elastic.dir, threads=args.threads)
+        rec = measure_shape(plans[shape], flow, wl, elastic.dir, quant=quant, threads=args.threads)
         cache[shape] = (rec, time.perf_counter() - t0)
         return rec
 
     t0 = time.perf_counter()
-    table = build_measured(plans, measure, target=target, flow="pytorch", model=model, strategy=None, workload=wl,
+    table = build_measured(plans, measure, target=target, flow=flow, model=model, strategy=None, workload=wl,
                            n_validate=args.validate)
     t_table = time.perf_counter() - t0
     fit_shapes = table.component["fit_shapes"]
@@ -116,7 +120,7 @@ def main() -> None:
     for frac in (0.6, 0.75, 0.9):
         budget = dense * frac
         r = search(acc, lat, budget)
-        again = measure_shape(plans[r.shape], "pytorch", wl, elastic.dir, threads=args.threads)["median"]
+        again = measure_shape(plans[r.shape], flow, wl, elastic.dir, quant=quant, threads=args.threads)["median"]
         ok = again <= budget * 1.05
         print(f"budget {frac:.0%} = {format_time(budget)}: chose {r.shape} predicted {format_time(r.latency_s)}, "
               f"measured {format_time(again)} ({again / budget * 100:.1f}% of budget) {'OK' if ok else 'OVER'}")

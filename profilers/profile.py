@@ -38,7 +38,7 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
     exporter = get_exporter(flow)
     with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
         exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant)
-        if hasattr(exporter, "build"):
+        if getattr(PROFILERS.get(flow), "TIMES_BUILD", False):  # the profiler times what the build makes
             exporter.build(Path(tmp), {"name": "host"}, quant=quant)
         return time_artifact(Path(tmp), flow, workload, threads=threads, **measure_kwargs)
 

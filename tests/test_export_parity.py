@@ -165,3 +165,18 @@ def test_per_layer_export_loads_with_remote_code_alone(tiny_gqa, tmp_path):
                        env={"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert float(p.stdout.strip().splitlines()[-1]) < 1e-6
+
+
+def test_aot_package_decodes_like_the_reference(tiny_gqa, tmp_path):
+    """The PyTorch flow's engine build: torch.export + AOTInductor `.pt2`, loaded and run."""
+    em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
+    shape = em.strategy.space.largest  # uniform: packaged
+    m = compile_shape(em, shape, "pytorch", {"name": "host", "flows": ["pytorch"]}, tmp_path / "u").manifest
+    assert m["engine"]["built"] == ["model.pt2", "model.pt2.json"] and "model.pt2" in m["files"]
+    assert m["engine"]["max_abs_logit_diff_vs_directory"] < TOL
+    ids = torch.randint(3, tiny.VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))
+    got = pytorch.load_package(tmp_path / "u")(ids)
+    assert (got - em.logits(ids, shape)).abs().max().item() < TOL
+    per_layer = next(s for s in em.strategy.space if not materialize(em, s).uniform)
+    built = pytorch.build(export(em, per_layer, tmp_path / "p")[0] and tmp_path / "p", {"name": "host"})
+    assert built["built"] == [] and "--layout pad" in built["skipped"]

@@ -133,16 +133,88 @@ def in_memory(dense: DenseModel):
     return model.eval()
 
 
-def load(out_dir: Path):
+def load_model(out_dir: Path, dtype: torch.dtype | str = torch.float32):
     """transformers loads the directory (stock class, or amoeba_llama, registered by the import below)."""
     from transformers import AutoModelForCausalLM
 
     from .. import modeling  # noqa: F401  (registers amoeba_llama)
 
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
+
+
+def load(out_dir: Path):
+    """The exported directory through transformers, as a logits function (fp32)."""
+    model = load_model(out_dir)
 
     @torch.inference_mode()
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
     return logits
+
+
+AOT_PACKAGE = "model.pt2"
+AOT_CACHE_LEN = 1024  # static KV cache positions compiled into the package (prompt + generated)
+
+
+def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
+    """Package the model ahead of time: torch.export of one decode step with a static KV cache
+    (transformers' executorch integration), compiled by AOTInductor into `model.pt2`.
+
+    The package runs batch 1, one token per call: `runner(input_ids=[[tok]], cache_position=[pos])`
+    returns that position's logits, the cache living inside the package. A static cache has one KV
+    head count for every layer, so per-layer shapes are not packaged (export with `--layout pad`).
+    """
+    from transformers import GenerationConfig
+    from transformers.integrations.executorch import convert_and_export_with_cache
+
+    from ..manifest import versions
+
+    out_dir = Path(out_dir)
+    model = load_model(out_dir, "auto")  # the artifact's own dtype
+    record = {"toolchain": {"torch": torch.__version__, "aoti": "torch._inductor.aoti_compile_and_package",
+                            "compiler": _compiler()}}
+    specs = getattr(model.config, "layer_specs", None) or []
+    if len({(s["num_key_value_heads"], s["num_attention_heads"]) for s in specs}) > 1:
+        return {**record, "built": [], "skipped": "AOTInductor package: a static KV cache needs the same head counts "
+                "in every layer; export with --layout pad to package this shape"}
+    cache_len = min(AOT_CACHE_LEN, getattr(model.config, "max_position_embeddings", AOT_CACHE_LEN))
+    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=cache_len,
+                                               cache_config={"batch_size": 1, "max_cache_len": cache_len, "device": "cpu"})
+    program = convert_and_export_with_cache(model)
+    torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / AOT_PACKAGE))
+    info = {"package": AOT_PACKAGE, "batch_size": 1, "max_cache_len": cache_len,
+            "call": "runner(input_ids=LongTensor[1, 1], cache_position=LongTensor[1]) -> logits[1, 1, vocab]",
+            "load": "torch._inductor.aoti_load_package('model.pt2')", "versions": versions()}
+    write_json(out_dir / "model.pt2.json", info)
+    # the package against the directory it was built from, decoding a fixed id sequence
+    ids = torch.arange(16).remainder(model.config.vocab_size)[None]
+    model.generation_config.cache_implementation = None
+    with torch.inference_mode():
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+    diff = (load_package(out_dir)(ids).float() - ref).abs().max().item()
+    return {**record, "built": [AOT_PACKAGE, "model.pt2.json"], "max_cache_len": cache_len,
+            "max_abs_logit_diff_vs_directory": diff}
+
+
+def load_package(out_dir: Path):
+    """The AOTInductor package as a logits function (one token per call through its static cache)."""
+    runner = torch._inductor.aoti_load_package(str(Path(out_dir) / AOT_PACKAGE))
+
+    @torch.inference_mode()
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[0] != 1:
+            raise ValueError("the AOTInductor package runs batch 1")
+        steps = [runner(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t]))[:, -1] for t in range(ids.shape[1])]
+        return torch.stack(steps, 1)
+
+    return logits
+
+
+def _compiler() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["c++", "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
