@@ -128,6 +128,8 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
             "table": summary["table_source"],
         }], ["target", "flow", "shape", "params", f"{metric} predicted", f"{metric} measured", "budget", "table"]))
         click.echo(f"Pareto front ({len(summary['search']['pareto'])} shapes): {', '.join(summary['search']['pareto'])}")
+        for w in summary.get("measure_warnings") or []:
+            note(w)
         if summary.get("legalize"):
             click.echo(f"legalize ({summary['legalize']['layout']}): {'; '.join(summary['legalize']['changes'])}")
         click.echo("dry run: nothing written" if dry_run else f"wrote {summary['out']} (manifest.json, pareto.png)")

@@ -102,12 +102,10 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
         changes.append("re-selected heads and channels to the same counts in every layer (FLAP importance)"
                        + _ppl_note(reselected))
     align = caps.alignment(quant)
-    if layout == "native" or dense.uniform:
+    if layout != "pad":  # native, or re-selected uniform: channels rounded to the block
         n_ff = [_round_up(s.n_ff, align) for s in dense.layers]
-        if dense.uniform or layout != "native":
-            n_ff = [max(n_ff)] * len(dense.layers)
         sizes = [(len(p.kv_heads), len(p.q_heads) // len(p.kv_heads), f) for p, f in zip(dense._plans, n_ff)]
-    else:  # pad
+    else:
         n_kv = max(len(p.kv_heads) for p in dense._plans)
         group = max(len(p.q_heads) // len(p.kv_heads) for p in dense._plans)
         if caps.heads_divide_hidden:

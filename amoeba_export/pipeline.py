@@ -245,6 +245,13 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         if target["name"] == "host" and flow in PROFILERS:
             measured = time_artifact(tmp, flow, workload, threads=threads)
         summary["measured_latency_s"] = measured["median"] if measured else None
+        if measured:
+            summary["measure_warnings"] = list(measured["environment"].get("warnings") or [])
+            if measured["median"] > budget_s * 1.05:
+                summary["measure_warnings"].append(
+                    f"the artifact measured {measured['median'] * 1e3:.1f} ms against a {budget_s * 1e3:.1f} ms budget "
+                    f"(predicted {result.latency_s * 1e3:.1f} ms): if the machine is busy, re-measure when idle; "
+                    f"if not, re-profile: amoeba-export profile --target host --flow {flow}")
         body["latency"] = {"metric": workload.metric, "workload": workload.to_json(), "budget_s": budget_s,
                            "predicted_s": result.latency_s, "table": str(table_path), "table_source": table.source,
                            "table_validation": table.validation, "measured": measured}
