@@ -122,8 +122,10 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
         if check:
             # the reference is the elastic model the dense model came from (legalize may re-select)
             parity = verify(dense._elastic, shape, exporter.load(tmp))
-            tol = getattr(exporter, "TOLERANCE", {}).get(quant or str(dense.dtype).removeprefix("torch."))
-            parity["tolerance"] = tol if tol is not None else TOLERANCE[dense.dtype]
+            # a quantised artifact has no logit tolerance: its greedy-token agreement is the figure
+            limits = {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()} if quant is None else {}
+            limits.update(getattr(exporter, "TOLERANCE", {}))
+            parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
             if quant is None and dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
                 raise RuntimeError(f"parity check failed: {parity}")
         body = {

@@ -13,11 +13,11 @@ from amoeba_export.errors import UserError
 from amoeba_export.exporters import get_exporter
 from amoeba_export.materialize import materialize
 
-from . import pytorch
+from . import gguf, pytorch
 from .tables import LatencyTable, build_measured, strategy_fingerprint
 from .workload import Workload
 
-PROFILERS = {"pytorch": pytorch}
+PROFILERS = {"pytorch": pytorch, "gguf": gguf}
 
 
 def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **measure_kwargs) -> dict:

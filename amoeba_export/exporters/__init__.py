@@ -1,18 +1,23 @@
 """One exporter per flow, each a module with the same small interface:
 
 - `NAME`: the flow name used on the command line;
-- `emit(dense, out_dir, tokenizer_dir) -> list[str]`: write the flow's artifact into `out_dir`;
+- `CAPS`: the `FlowCaps` of its runtime (what legalize must make the shape fit);
+- `emit(dense, out_dir, tokenizer_dir, quant=None) -> list[str]`: write the flow's artifact into
+  `out_dir` (`quant`: the flow's own format where it is not a float dtype);
+- `build(out_dir, target, quant=None) -> dict`: the engine build that runs here (AOT package,
+  optimised graph, llama.cpp quantisation), returning what was built with which toolchain;
 - `load(out_dir)`: load the artifact with the flow's own runtime and return a logits function
-  (`input_ids [B, T] -> logits [B, T, V]`), used by verify.
+  (`input_ids [B, T] -> logits [B, T, V]`), used by verify;
+- optionally `TOLERANCE`: verify's parity limit per dtype where the runtime computes differently.
 """
 from __future__ import annotations
 
 from types import ModuleType
 
 from ..errors import UserError
-from . import pytorch
+from . import gguf, pytorch
 
-EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (pytorch,)}
+EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (pytorch, gguf)}
 
 
 def get_exporter(flow: str) -> ModuleType:

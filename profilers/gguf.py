@@ -1,0 +1,176 @@
+"""The llama.cpp-flow profiler: times an exported `model.gguf` as llama.cpp runs it (llama-cpp-python).
+
+What ships is what was timed: the file the GGUF exporter wrote (or built, for K-quants), with
+llama-cpp-python's default context settings (F16 KV cache, no flash attention, n_batch and n_ubatch
+min(n_ctx, 512), n_ctx = the workload's longest sequence), `n_threads` and `n_threads_batch` both
+set to `threads`; the record keeps them all. Only the last position's logits are computed
+(no `logits_all`: it would add a full vocabulary projection per prompt position).
+
+- TTFT: the prompt (`prompt_len` seeded random ids) evaluated from an empty KV cache (cleared in
+  the untimed setup), plus the argmax of the last position's logits.
+- TPOT: one decode step over exactly `prompt_len` cached positions. The prompt is prefilled once,
+  untimed; before every sample (untimed) the KV cells at positions >= prompt_len are removed
+  (`llama_memory_seq_rm`) and the context's token count set back, so every sample attends over
+  the same `prompt_len` positions and appends one.
+- E2E: prefill then `gen_len - 1` greedy decode steps, so `gen_len` tokens come out.
+
+llama-cpp-python's high-level `Llama` runs one sequence; batch > 1 is refused rather than timed
+as something it is not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from amoeba_export.errors import UserError
+from amoeba_export.exporters.gguf import FILE, llama_cpp_module, toolchain
+
+from .timing import Timing, environment, measure, physical_cores
+from .workload import METRICS, Workload
+
+FLOW = "gguf"
+TIMES_BUILD = True  # K-quants exist only after the build: profile_table builds before timing
+
+
+def artifact_file(path: str | Path) -> Path:
+    path = Path(path)
+    file = path / FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{path}: no {FILE} here; export one with `amoeba-export --flow gguf --out DIR`")
+    return file
+
+
+def read_meta(file: Path) -> dict:
+    """Vocabulary size, training context and arch from the file's metadata (no weights read)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(file).fields
+    arch = fields["general.architecture"].contents()
+    return {"arch": arch, "vocab_size": int(fields[f"{arch}.vocab_size"].contents()),
+            "context_length": int(fields[f"{arch}.context_length"].contents()),
+            "file_type": int(fields["general.file_type"].contents())}
+
+
+def load_artifact(file: Path, n_ctx: int, threads: int):
+    """The file in llama.cpp, one sequence of up to `n_ctx` tokens, last-token logits only."""
+    llama_cpp = llama_cpp_module()
+    return llama_cpp.Llama(str(file), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           logits_all=False, verbose=False)
+
+
+# ---------------------------------------------------------------- the steps that are timed
+
+def prompt_ids(vocab_size: int, workload: Workload, *, seed: int = 0) -> list[int]:
+    """Seeded random token ids within the vocabulary: a dense model's work does not depend on them."""
+    return np.random.default_rng(seed).integers(0, vocab_size, workload.prompt_len).tolist()
+
+
+def next_token(llm) -> int:
+    """Greedy choice from the last evaluated position's logits."""
+    llama_cpp = llama_cpp_module()
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return int(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).argmax())
+
+
+def rewind(llm, length: int) -> None:
+    """Drop the KV cells at positions >= `length` and set the context back to `length` tokens."""
+    llama_cpp = llama_cpp_module()
+    if llm.n_tokens < length:
+        raise ValueError(f"context holds {llm.n_tokens} tokens, cannot rewind to {length}")
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, length, -1)
+    llm.n_tokens = length
+
+
+def prefill(llm, ids: list[int]) -> int:
+    """Evaluate the prompt after the cached tokens (none after `rewind(llm, 0)`); the first token."""
+    llm.eval(ids)
+    return next_token(llm)
+
+
+def decode_step(llm, token: int) -> int:
+    llm.eval([token])
+    return next_token(llm)
+
+
+def generate(llm, ids: list[int], gen_len: int) -> list[int]:
+    """Greedy from an empty cache: prefill gives the first token, then `gen_len - 1` decode steps."""
+    rewind(llm, 0)
+    tokens = [prefill(llm, ids)]
+    for _ in range(gen_len - 1):
+        tokens.append(decode_step(llm, tokens[-1]))
+    return tokens
+
+
+# ---------------------------------------------------------------- timing them
+
+def time_workload(llm, ids: list[int], workload: Workload, metrics: tuple[str, ...],
+                  **measure_kwargs) -> dict[str, Timing]:
+    out: dict[str, Timing] = {}
+    P = workload.prompt_len
+    for metric in metrics:
+        if metric == "ttft":
+            out[metric] = measure(lambda: prefill(llm, ids), setup=lambda: rewind(llm, 0), **measure_kwargs)
+        elif metric == "tpot":
+            rewind(llm, 0)
+            token = prefill(llm, ids)
+            out[metric] = measure(lambda: decode_step(llm, token), setup=lambda: rewind(llm, P), **measure_kwargs)
+        else:
+            out[metric] = measure(lambda: generate(llm, ids, workload.gen_len), setup=lambda: rewind(llm, 0),
+                                  **measure_kwargs)
+    return out
+
+
+def profile_artifact(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
+                     metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict:
+    """Load the GGUF in llama.cpp with `threads` (default: physical cores) for both decode and
+    batch work, record the environment, time the workload.
+
+    Returns the same record as the PyTorch profiler: {"workload", "timings", "environment",
+    "artifact", "runtime", "measure"}.
+    """
+    if workload.batch != 1:
+        raise UserError(f"the gguf profiler times batch 1 (llama-cpp-python runs one sequence); got batch "
+                        f"{workload.batch}: use --batch 1")
+    metrics = tuple(dict.fromkeys(metrics or ("ttft", "tpot", workload.metric)))
+    for m in metrics:
+        if m not in METRICS:
+            raise UserError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+    n = physical_cores() if threads is None else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    file = artifact_file(path)
+    meta = read_meta(file)
+    longest = workload.prompt_len + (workload.gen_len if "e2e" in metrics else 1)
+    if longest > meta["context_length"]:
+        raise UserError(f"workload {workload.key()} needs {longest} positions but the model's context length is "
+                        f"{meta['context_length']}: shorten --prompt-len or --gen-len")
+    llm = load_artifact(file, longest, n)
+    ids = prompt_ids(meta["vocab_size"], workload, seed=seed)
+    env = environment()
+    env["versions"].update({k: v for k, v in toolchain().items() if v})
+    timings = time_workload(llm, ids, workload, metrics, **measure_kwargs)
+    cp = llm.context_params
+    record = {
+        "workload": workload.to_json(),
+        "timings": {m: t.to_dict() for m, t in timings.items()},
+        "environment": env,
+        "artifact": str(path),
+        "runtime": {
+            "flow": FLOW, "device": "cpu", "threads": n, "n_threads": cp.n_threads,
+            "n_threads_batch": cp.n_threads_batch, "n_ctx": llm.n_ctx(), "n_batch": cp.n_batch,
+            "n_ubatch": cp.n_ubatch, "type_k": int(cp.type_k), "type_v": int(cp.type_v),
+            "flash_attn_type": int(cp.flash_attn_type), "arch": meta["arch"], "file_type": meta["file_type"],
+            "seed": seed,
+        },
+        "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    }
+    manifest = (Path(path) if Path(path).is_dir() else Path(path).parent) / "manifest.json"
+    if manifest.is_file():
+        try:
+            record["runtime"]["shape"] = json.loads(manifest.read_text()).get("shape")
+        except (OSError, json.JSONDecodeError):
+            pass
+    del llm
+    return record
