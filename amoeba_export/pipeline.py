@@ -196,6 +196,12 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     return table, path
 
 
+def table_threads(table) -> int | None:
+    """The thread count a measured table was timed with, so the artifact is measured the same way."""
+    counts = {e["measured"].get("threads") for e in table.entries.values() if "measured" in e}
+    return counts.pop() if len(counts) == 1 else None
+
+
 def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[str], None]):
     from .score import AccuracyTable, EvalConfig, default_path, score_shapes, strategy_fingerprint
 
@@ -245,7 +251,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                     f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         measured = None
         if target["name"] == "host" and flow in PROFILERS:
-            measured = time_artifact(tmp, flow, workload, threads=threads)
+            measured = time_artifact(tmp, flow, workload, threads=threads or table_threads(table))
         summary["measured_latency_s"] = measured["median"] if measured else None
         if measured:
             summary["measure_warnings"] = list(measured["environment"].get("warnings") or [])
