@@ -15,7 +15,8 @@ from .io import sha256_file, write_json
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
-PACKAGES = ("amoeba-export", "torch", "transformers", "safetensors", "tokenizers", "numpy")
+PACKAGES = ("amoeba-export", "torch", "transformers", "safetensors", "tokenizers", "numpy", "gguf", "llama_cpp_python",
+            "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-genai")
 
 
 def versions() -> dict:

@@ -127,7 +127,9 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             limits.update(getattr(exporter, "TOLERANCE", {}))
             parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
             if quant is None and dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
-                raise RuntimeError(f"parity check failed: {parity}")
+                raise UserError(f"parity check failed for {flow} at {shape}: max |logit difference| "
+                                f"{parity['max_abs_logit_diff']:.3g} > {parity['tolerance']:g} against the masked "
+                                "reference; nothing was written (--no-verify skips the check)")
         body = {
             "flow": flow,
             "target": target,

@@ -13,11 +13,11 @@ from amoeba_export.errors import UserError
 from amoeba_export.exporters import get_exporter
 from amoeba_export.materialize import materialize
 
-from . import gguf, pytorch
+from . import gguf, onnx, pytorch
 from .tables import LatencyTable, build_measured, strategy_fingerprint
 from .workload import Workload
 
-PROFILERS = {"pytorch": pytorch, "gguf": gguf}
+PROFILERS = {"pytorch": pytorch, "onnx": onnx, "gguf": gguf}
 
 
 def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **measure_kwargs) -> dict:
@@ -37,8 +37,9 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
     compile would, and time `workload` on it."""
     exporter = get_exporter(flow)
     with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
-        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant)
-        if getattr(PROFILERS.get(flow), "TIMES_BUILD", False):  # the profiler times what the build makes
+        profiler = PROFILERS.get(flow)
+        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant, **getattr(profiler, "EMIT_OPTIONS", {}))
+        if getattr(profiler, "TIMES_BUILD", False):  # the profiler times what the build makes
             exporter.build(Path(tmp), {"name": "host"}, quant=quant)
         return time_artifact(Path(tmp), flow, workload, threads=threads, **measure_kwargs)
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..errors import UserError
-from . import gguf, pytorch
+from . import gguf, onnx, pytorch
 
-EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (pytorch, gguf)}
+EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (pytorch, onnx, gguf)}
 
 
 def get_exporter(flow: str) -> ModuleType:
