@@ -19,7 +19,6 @@ as something it is not.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ import numpy as np
 from amoeba_export.errors import UserError
 from amoeba_export.exporters.gguf import FILE, llama_cpp_module, toolchain
 
-from .timing import Timing, environment, measure, physical_cores
+from .timing import Timing, environment, measure, physical_cores, profile_record
 from .workload import METRICS, Workload
 
 FLOW = "gguf"
@@ -152,25 +151,13 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     env["versions"].update({k: v for k, v in toolchain().items() if v})
     timings = time_workload(llm, ids, workload, metrics, **measure_kwargs)
     cp = llm.context_params
-    record = {
-        "workload": workload.to_json(),
-        "timings": {m: t.to_dict() for m, t in timings.items()},
-        "environment": env,
-        "artifact": str(path),
-        "runtime": {
-            "flow": FLOW, "device": "cpu", "threads": n, "n_threads": cp.n_threads,
-            "n_threads_batch": cp.n_threads_batch, "n_ctx": llm.n_ctx(), "n_batch": cp.n_batch,
-            "n_ubatch": cp.n_ubatch, "type_k": int(cp.type_k), "type_v": int(cp.type_v),
-            "flash_attn_type": int(cp.flash_attn_type), "arch": meta["arch"], "file_type": meta["file_type"],
-            "seed": seed,
-        },
-        "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    runtime = {
+        "flow": FLOW, "device": "cpu", "threads": n, "n_threads": cp.n_threads,
+        "n_threads_batch": cp.n_threads_batch, "n_ctx": llm.n_ctx(), "n_batch": cp.n_batch,
+        "n_ubatch": cp.n_ubatch, "type_k": int(cp.type_k), "type_v": int(cp.type_v),
+        "flash_attn_type": int(cp.flash_attn_type), "arch": meta["arch"], "file_type": meta["file_type"],
+        "seed": seed,
     }
-    manifest = (Path(path) if Path(path).is_dir() else Path(path).parent) / "manifest.json"
-    if manifest.is_file():
-        try:
-            record["runtime"]["shape"] = json.loads(manifest.read_text()).get("shape")
-        except (OSError, json.JSONDecodeError):
-            pass
+    record = profile_record(path, workload, timings, env, runtime, measure_kwargs)
     del llm
     return record

@@ -16,7 +16,6 @@ sequential execution. The three things a budget can bound:
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from amoeba_export.errors import UserError
 from amoeba_export.exporters import onnx as exporter
 
-from .timing import Timing, environment, measure, physical_cores, skew_warnings
+from .timing import Timing, environment, measure, physical_cores, profile_record, skew_warnings
 from .workload import METRICS, Workload
 
 FLOW = "onnx"
@@ -94,24 +93,12 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     env["ort_intra_op_threads"] = n
     env["warnings"] = skew_warnings({**env, "torch_threads": n})  # judged by the threads ORT runs
     timings = time_workload(sess, config, workload, seed=seed, metrics=metrics, **measure_kwargs)
-    record = {
-        "workload": workload.to_json(),
-        "timings": {m: t.to_dict() for m, t in timings.items()},
-        "environment": env,
-        "artifact": str(path),
-        "runtime": {
-            "flow": FLOW, "device": "cpu", "provider": sess.get_providers()[0], "onnxruntime": ort.__version__,
-            "model_file": model_file.name, "dtype": config["dtype"], "threads": n, "inter_op_threads": 1,
-            "execution_mode": "sequential",
-            "graph_optimization_level": sess.get_session_options().graph_optimization_level.name,
-            "logits": "every position (prefill runs the LM head over the whole prompt)", "seed": seed,
-        },
-        "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    runtime = {
+        "flow": FLOW, "device": "cpu", "provider": sess.get_providers()[0], "onnxruntime": ort.__version__,
+        "model_file": model_file.name, "dtype": config["dtype"], "threads": n, "inter_op_threads": 1,
+        "execution_mode": "sequential",
+        "graph_optimization_level": sess.get_session_options().graph_optimization_level.name,
+        "logits": "every position (prefill runs the LM head over the whole prompt)", "seed": seed,
     }
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        try:
-            record["runtime"]["shape"] = json.loads(manifest.read_text()).get("shape")
-        except (OSError, json.JSONDecodeError):
-            pass
+    record = profile_record(path, workload, timings, env, runtime, measure_kwargs)
     return record

@@ -19,14 +19,13 @@ On CUDA every sample is bracketed by `torch.cuda.synchronize`.
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 
 import torch
 
 from amoeba_export.errors import UserError
 
-from .timing import Timing, environment, measure, pinned_threads
+from .timing import Timing, environment, measure, pinned_threads, profile_record
 from .workload import METRICS, Workload
 
 FLOW = "pytorch"
@@ -180,23 +179,9 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     with pinned_threads(threads) as n:
         env = environment()  # inside the pin: records the thread count the run uses
         timings = time_workload(model, workload, device=device, seed=seed, metrics=metrics, **measure_kwargs)
-    record = {
-        "workload": workload.to_json(),
-        "timings": {m: t.to_dict() for m, t in timings.items()},
-        "environment": env,
-        "artifact": str(path),
-        "runtime": {
-            "flow": FLOW, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
-            "threads": n, "model_type": model.config.model_type, "class": type(model).__name__,
-            "prefill_kwargs": prefill_kwargs(model), "seed": seed,
-        },
-        "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    runtime = {
+        "flow": FLOW, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": n, "model_type": model.config.model_type, "class": type(model).__name__,
+        "prefill_kwargs": prefill_kwargs(model), "seed": seed,
     }
-    manifest = path / "manifest.json"
-    if manifest.is_file():
-        try:
-            m = json.loads(manifest.read_text())
-            record["runtime"]["shape"] = m.get("shape")
-        except (OSError, json.JSONDecodeError):
-            pass
-    return record
+    return profile_record(path, workload, timings, env, runtime, measure_kwargs)

@@ -365,3 +365,27 @@ def _jetson() -> dict | None:
         except (OSError, subprocess.SubprocessError):
             pass
     return out
+
+
+def profile_record(path, workload, timings: dict, env: dict, runtime: dict, measure_kwargs: dict) -> dict:
+    """The JSON record every flow's profiler returns: {"workload", "timings": {metric: Timing fields},
+    "environment", "artifact", "runtime" (with the artifact's shape when its manifest says), "measure"}."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    record = {
+        "workload": workload.to_json(),
+        "timings": {m: t.to_dict() for m, t in timings.items()},
+        "environment": env,
+        "artifact": str(path),
+        "runtime": runtime,
+        "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
+    }
+    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
+    if manifest.is_file():
+        try:
+            runtime["shape"] = json.loads(manifest.read_text()).get("shape")
+        except (OSError, json.JSONDecodeError):
+            pass
+    return record
