@@ -35,7 +35,7 @@ def main() -> None:
     elastic, _ = load_elastic(args.model, args.strategy)
     target = load_target("host")
     bandwidth = target["bandwidth_gbs"] * 1e9
-    wl = Workload(1, args.prompt_len, 1, "tpot")
+    wl = Workload(1, args.prompt_len, 1, "tpot")  # bytes per token: weights + the KV cache of prompt_len + 1
     space = elastic.strategy.space
     dense_shape = space.largest
     for w in environment().get("warnings", []):
@@ -52,7 +52,7 @@ def main() -> None:
             dense, _, quant = plans[shape]
             t[shape] = measure_shape(dense, flow, wl, elastic.dir, quant=quant, threads=args.threads)["median"]
         dense, _, quant = plans[dense_shape]
-        bound = memory_bytes(dense, Workload(1, args.prompt_len, 0, "tpot"), quant) / bandwidth
+        bound = memory_bytes(dense, wl, quant) / bandwidth
         rows.append((flow, quant or str(dense.dtype).removeprefix("torch."), half,
                      plans[half][0].parameters() / full, t[dense_shape], t[half], bound))
     print(f"\n{'flow':7} {'dtype':9} {'dense TPOT':>11} {'subnet':>9} {'params':>7} {'subnet TPOT':>12} "
