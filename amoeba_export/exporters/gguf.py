@@ -15,6 +15,8 @@ file and `build` quantises it in place through llama-cpp-python.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import os
@@ -388,15 +390,41 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with native_output() as log:  # the quantizer prints a line per tensor from C
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({quant}) failed with code {rc}")
+            raise RuntimeError(f"llama_model_quantize({quant}) failed with code {rc}: {' / '.join(log[-3:])}")
         os.replace(tmp, src)
     finally:
         tmp.unlink(missing_ok=True)
+    record["quantizer_summary"] = [line for line in log if "llama_model_quantize_impl" in line]
     record["built"] = [FILE]
     record["tensor_types"] = tensor_types(src)
     return record
+
+
+@contextlib.contextmanager
+def native_output():
+    """Send what native code writes to stdout/stderr into a list of lines (yielded, filled on exit)."""
+    import sys
+    import tempfile
+
+    lines: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile(mode="w+") as f:
+        try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            yield lines
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            f.seek(0)
+            lines += [line.rstrip() for line in f]
 
 
 # ---------------------------------------------------------------- load (verify)
