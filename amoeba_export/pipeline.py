@@ -67,12 +67,14 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
     from .metrics import perplexity
     from .score import EvalConfig, eval_set
 
-    ids, _ = eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))
+    ids: list[torch.Tensor] = []  # the held-out windows, read on first use (most compiles never measure)
 
     def ppl(dense: DenseModel) -> float:
+        if not ids:
+            ids.append(eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))[0])
         model = in_memory(dense)
         with torch.inference_mode():
-            return perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids)
+            return perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids[0])
 
     return ppl
 
