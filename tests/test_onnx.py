@@ -48,6 +48,20 @@ def exported(tmp_path_factory):
     return get
 
 
+def genai_greedy(og, folder, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from ORT-GenAI's own generation loop."""
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    got = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        got.append(int(gen.get_next_tokens()[0]))
+    return got
+
+
 def sha256s(d) -> dict:
     return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -233,16 +247,7 @@ def test_genai_folder_generates_like_transformers(tmp_path_factory):
     prompt, n = [5, 17, 42, 8, 60], 12
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):]
 
-    model = og.Model(str(out / "genai"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == want.tolist()
+    assert genai_greedy(og, out / "genai", prompt, n) == want.tolist()
 
     again = tmp_path_factory.mktemp("onnx-genai-again")
     ox.emit(dense, again, em.dir)
@@ -310,13 +315,4 @@ def test_default_model_genai_generates_like_transformers(tmp_path):
     prompt, n = em.tokenizer()(VERIFY_TEXT, add_special_tokens=False)["input_ids"], 16
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     want = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):]
-    model = og.Model(str(out / "genai"))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + n, min_length=len(prompt) + n)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
-    assert got == want.tolist()
+    assert genai_greedy(og, out / "genai", prompt, n) == want.tolist()
