@@ -186,10 +186,10 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
     get_exporter(flow)
     tgt = load_target(target)
     elastic, sdir = load_elastic(model, strategy_dir)
-    plans, quant, variant = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
+    plans = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
     tbl, path = profile_table(elastic, tgt, flow, Workload(batch, prompt_len, gen_len, metric), strategy_dir=sdir,
-                              threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans, quant=quant,
-                              variant=variant)
+                              threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans.shapes,
+                              quant=plans.quant, variant=plans.variant)
     v = tbl.validation
     click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
                        "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",

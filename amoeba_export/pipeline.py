@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from targets import default_format
 
 from .elastic import ElasticModel
 from .errors import UserError
@@ -51,7 +52,7 @@ def split_dtype(dtype: str | None, target: dict, flow: str, caps) -> tuple[str |
     format, applied to fp weights. The default is the target's, where the flow can write it.
     """
     if dtype is None:
-        default = str(target.get("flow_defaults", {}).get(flow, {}).get("dtype", "")).lower() or None
+        default = (default_format(target, flow) or "").lower()
         dtype = default if default in caps.quants else None
     if dtype is None:
         return None, None
@@ -80,30 +81,41 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
 
 
 def prepare(elastic: ElasticModel, shape: Shape, flow: str, target: dict, *, dtype: str | None = None,
-            layout: str = "auto", strict: bool = False, measure: bool = True):
-    """materialize → legalize: (DenseModel', LegalizeReport, quant) for `flow` on `target`.
-    `measure=False` plans only: what legalize changes in the model is not measured."""
+            layout: str = "auto", strict: bool = False):
+    """materialize → legalize, measuring what legalize changes: (DenseModel', LegalizeReport, quant)."""
     from .legalize import legalize
 
     caps = get_exporter(flow).CAPS
     dense_dtype, quant = split_dtype(dtype, target, flow, caps)
     dense = materialize(elastic, shape, dense_dtype)
-    ppl = dense_perplexity(elastic) if measure else None
-    dense, report = legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict, perplexity=ppl)
+    dense, report = legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict,
+                             perplexity=dense_perplexity(elastic))
     return dense, report, quant
 
 
+@dataclass
+class Plans:
+    """Every shape's legalised DenseModel (what the flow would run: the search ranks these)."""
+
+    shapes: dict[Shape, DenseModel]
+    quant: str | None  # the exporter's own format, where not a float dtype
+    fmt: str | None  # the weight format asked for (None: the flow's default on the target)
+    variant: str | None  # latency-table variant: None for the flow's default artifact
+
+
 def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | None = None, layout: str = "auto",
-                strict: bool = False) -> tuple[dict, str | None, str | None]:
-    """Every shape's legalised DenseModel plan (what the flow would run: the search ranks these), the
-    exporter's quant, and the latency-table variant (None for the flow's default artifact)."""
-    plans, quant = {}, None
-    for s in elastic.strategy.space:
-        plans[s], _, quant = prepare(elastic, s, flow, target, dtype=dtype, layout=layout, strict=strict, measure=False)
-    default = str(target.get("flow_defaults", {}).get(flow, {}).get("dtype", "")).lower()
-    name = quant or (dtype.lower() if dtype else None)
-    parts = [p for p in (name if name and name != default else None, layout if layout != "auto" else None) if p]
-    return plans, quant, "-".join(parts) or None
+                strict: bool = False) -> Plans:
+    """Plan every shape for `flow` on `target`; what legalize would change is not measured here."""
+    from .legalize import legalize
+
+    caps = get_exporter(flow).CAPS
+    dense_dtype, quant = split_dtype(dtype, target, flow, caps)
+    shapes = {s: legalize(materialize(elastic, s, dense_dtype), caps, flow=flow, layout=layout, quant=quant,
+                          strict=strict)[0] for s in elastic.strategy.space}
+    fmt = quant or dense_dtype
+    fmt = fmt if fmt != (default_format(target, flow) or "").lower() else None
+    variant = "-".join(p for p in (fmt, layout if layout != "auto" else None) if p) or None
+    return Plans(shapes, quant, fmt, variant)
 
 
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
@@ -159,25 +171,24 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
 def memory_bytes(dense: DenseModel, workload, quant: str | None = None) -> int:
     """Weights (at the quant's bits per weight, where the exporter quantises) plus the KV cache of
     `batch` sequences of prompt_len + gen_len tokens."""
-    from profilers.roofline import BITS_PER_WEIGHT
+    from profilers.roofline import bits_per_weight
 
     kv = sum(2 * s.n_kv_heads * s.head_dim for s in dense.layers)
     item = dense.dtype.itemsize
-    bits = {k.lower(): v for k, v in BITS_PER_WEIGHT.items()}.get(quant or "", (8 * item,))[0]
+    bits = bits_per_weight(quant)[0] if quant else 8 * item
     return int(dense.parameters() * bits / 8) + workload.batch * (workload.prompt_len + workload.gen_len) * kv * item
 
 
 def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
-                  plans: dict, quant: str | None, variant: str | None, threads: int | None,
-                  notice: Callable[[str], None]):
+                  plans: Plans, threads: int | None, notice: Callable[[str], None]):
     """The stored table for target × flow × model × workload (× variant); else profile the host, or
-    estimate. `plans` maps every shape to its legalised DenseModel plan."""
+    estimate."""
     from profilers.profile import PROFILERS, profile_table
     from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
-    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=variant)
+    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=plans.variant)
     if path.is_file():
         table = LatencyTable.load(path)
         table.check(model, sfp)
@@ -192,8 +203,9 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
         notice(f"no latency table for host/{flow}/{workload.key()}: profiling this machine now "
                f"(the same as `amoeba-export profile --target host --flow {flow}`)")
         return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, threads=threads,
-                             plans=plans, quant=quant, variant=variant)
-    table = build_estimated(plans, target=target, flow=flow, model=model, strategy=sfp, workload=workload)
+                             plans=plans.shapes, quant=plans.quant, variant=plans.variant)
+    table = build_estimated(plans.shapes, target=target, flow=flow, model=model, strategy=sfp, workload=workload,
+                            fmt=plans.fmt)
     table.save(path)
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
            f"measure it on the device with: amoeba-export profile --target host --flow {flow}")
@@ -231,20 +243,18 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
 
     from .search import plot_pareto, search
 
-    get_exporter(flow)
+    plans = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)  # user errors first
     acc = accuracy_table(elastic, strategy_dir, notice)
-    plans, quant, variant = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)
-    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, quant, variant, threads,
-                                      notice)
+    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice)
     latency = table.as_mapping()
-    mem = {s: memory_bytes(d, workload, quant) for s, d in plans.items()} if memory_budget else None
+    mem = {s: memory_bytes(d, workload, plans.quant) for s, d in plans.shapes.items()} if memory_budget else None
     result = search(acc.scores(), latency, budget_s, mem, memory_budget)
     summary = {
         "target": target["name"], "flow": flow, "workload": workload.to_json(), "budget_s": budget_s,
         "memory_budget": memory_budget, "shape": str(result.shape), "predicted_latency_s": result.latency_s,
         "score": result.score, "score_definition": "-log(held-out perplexity)", "table": str(table_path),
         "table_source": table.source, "table_validation": table.validation, "search": result.as_dict(),
-        "parameters": plans[result.shape].parameters(), "measured_latency_s": None, "out": None,
+        "parameters": plans.shapes[result.shape].parameters(), "measured_latency_s": None, "out": None,
     }
     if dry_run:
         return summary

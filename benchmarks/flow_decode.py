@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.cli import load_elastic
-    from amoeba_export.pipeline import memory_bytes, prepare
+    from amoeba_export.pipeline import legal_plans, memory_bytes
     from amoeba_export.search import format_time
     from profilers.profile import measure_shape
     from profilers.timing import environment
@@ -44,17 +44,16 @@ def main() -> None:
           f"threads {args.threads}, workload {wl.key()}")
     rows = []
     for flow in args.flows.split(","):
-        plans = {s: prepare(elastic, s, flow, target, measure=False) for s in space}
-        full = plans[dense_shape][0].parameters()
-        half = min(space, key=lambda s: abs(plans[s][0].parameters() - full / 2))
-        t = {}
-        for shape in (dense_shape, half):
-            dense, _, quant = plans[shape]
-            t[shape] = measure_shape(dense, flow, wl, elastic.dir, quant=quant, threads=args.threads)["median"]
-        dense, _, quant = plans[dense_shape]
+        planned = legal_plans(elastic, flow, target)
+        plans, quant = planned.shapes, planned.quant
+        full = plans[dense_shape].parameters()
+        half = min(space, key=lambda s: abs(plans[s].parameters() - full / 2))
+        t = {s: measure_shape(plans[s], flow, wl, elastic.dir, quant=quant, threads=args.threads)["median"]
+             for s in (dense_shape, half)}
+        dense = plans[dense_shape]
         bound = memory_bytes(dense, wl, quant) / bandwidth
         rows.append((flow, quant or str(dense.dtype).removeprefix("torch."), half,
-                     plans[half][0].parameters() / full, t[dense_shape], t[half], bound))
+                     plans[half].parameters() / full, t[dense_shape], t[half], bound))
     print(f"\n{'flow':7} {'dtype':9} {'dense TPOT':>11} {'subnet':>9} {'params':>7} {'subnet TPOT':>12} "
           f"{'speed-up':>9} {'dense / bandwidth bound':>24}")
     for flow, dtype, half, frac, td, th, bound in rows:

@@ -16,7 +16,6 @@ the environment warnings are printed.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ def main() -> None:
     from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time, search
     from profilers.profile import measure_shape
-    from profilers.tables import build_measured, features, fit, predict, validation_figures
+    from profilers.tables import build_measured, features, validation_figures
     from profilers.timing import environment
     from profilers.workload import Workload
     from targets import load_target
@@ -50,7 +49,8 @@ def main() -> None:
     wl = Workload(1, args.prompt_len, args.gen_len, "tpot")
     target = load_target("host")
     flow = args.flow
-    plans, quant, _ = legal_plans(elastic, flow, target, dtype=args.dtype)
+    planned = legal_plans(elastic, flow, target, dtype=args.dtype)
+    plans, quant = planned.shapes, planned.quant
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     env = environment()
     print(f"model {model['name']}, flow {flow} ({quant or 'float'}), {len(plans)} shapes, workload {wl.key()}, "
@@ -73,11 +73,9 @@ def main() -> None:
     fit_shapes = table.component["fit_shapes"]
     t_fit_only = sum(cache[s][1] for s in cache if str(s) in fit_shapes)
 
-    t0 = time.perf_counter()
     for s in plans:
         if s not in cache:
             measure(s)
-    t_rest = time.perf_counter() - t0
     t_all = sum(v[1] for v in cache.values())
     measured = {s: cache[s][0]["median"] for s in plans}
 

@@ -24,6 +24,10 @@ BITS_PER_WEIGHT = {
     "Q8_0": (8.5, "GGUF Q8_0 block: 32 int8 + one fp16 scale = 34 bytes / 32 weights"),
     "Q4_0": (4.5, "GGUF Q4_0 block: 32 nibbles + one fp16 scale = 18 bytes / 32 weights"),
     "Q4_K_M": (4.85, "llama.cpp Q4_K_M mix (Q4_K plus some Q6_K tensors), average reported by llama-quantize; estimated"),
+    "Q4_K_S": (4.58, "llama.cpp Q4_K_S mix (mostly Q4_K: 144 bytes / 256 weights); estimated"),
+    "Q5_K_S": (5.5, "GGUF Q5_K block: 176 bytes / 256 weights (the _S mix is mostly Q5_K); estimated"),
+    "Q5_K_M": (5.7, "llama.cpp Q5_K_M mix (Q5_K plus some Q6_K tensors); estimated"),
+    "Q6_K": (6.5625, "GGUF Q6_K block: 210 bytes / 256 weights"),
     "q4f16_1": (4.5, "MLC q4f16_1: int4 + one fp16 scale per 32 weights (formats.md §5.3; prior-art.md §8)"),
     "q4f32_1": (5.0, "MLC q4f32_1: int4 + one fp32 scale per 32 weights"),
     "q0f16": (16.0, "MLC q0f16"),
@@ -42,16 +46,25 @@ class Estimate:
     detail: dict
 
 
-def flow_format(target: dict, flow: str) -> tuple[str, float, str]:
-    """(weight format, bits per weight, source) of a flow's default on a target."""
-    d = (target.get("flow_defaults") or {}).get(flow)
-    if d is None:
+_BITS = {k.lower(): v for k, v in BITS_PER_WEIGHT.items()}
+F32_COMPUTE = ("float32", "f32", "q4f32_1")  # formats computed in fp32; bfloat16 in bf16; the rest in fp16
+
+
+def bits_per_weight(fmt: str) -> tuple[float, str]:
+    """(bits per weight, source) of a dtype or quantisation, in any letter case."""
+    if fmt.lower() not in _BITS:
+        raise UserError(f"no bits-per-weight figure for {fmt!r} (known: {', '.join(BITS_PER_WEIGHT)})")
+    return _BITS[fmt.lower()]
+
+
+def flow_format(target: dict, flow: str, fmt: str | None = None) -> tuple[str, float, str]:
+    """(weight format, bits per weight, source): `fmt`, or the flow's default on the target."""
+    from targets import default_format
+
+    if (target.get("flow_defaults") or {}).get(flow) is None:
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r}")
-    fmt = d.get("quantization") if d.get("quantization") not in (None, "none") else d.get("dtype", "float16")
-    if fmt not in BITS_PER_WEIGHT:
-        raise UserError(f"no bits-per-weight figure for {fmt!r} (flow {flow} on {target['name']})")
-    bits, src = BITS_PER_WEIGHT[fmt]
-    return fmt, bits, src
+    fmt = fmt or default_format(target, flow) or "float16"
+    return (fmt, *bits_per_weight(fmt))
 
 
 def model_counts(dense) -> dict:
@@ -65,15 +78,16 @@ def model_counts(dense) -> dict:
     return {"linear": linear, "lm_head": V * H, "kv_per_token": kv_per_token, "attn_dims": attn_dims}
 
 
-def estimate(dense, target: dict, flow: str, workload) -> tuple[float, dict]:
-    """Estimated latency (seconds) of `workload.metric` for `dense` on `target` with `flow`."""
-    fmt, bits, bits_src = flow_format(target, flow)
+def estimate(dense, target: dict, flow: str, workload, fmt: str | None = None) -> tuple[float, dict]:
+    """Estimated latency (seconds) of `workload.metric` for `dense` on `target` with `flow`, its
+    weights in `fmt` (default: the flow's format on the target)."""
+    fmt, bits, bits_src = flow_format(target, flow, fmt)
     d = target["flow_defaults"][flow]
     eff = float(d.get("efficiency", 0.5))
     eff_src = d.get("efficiency_source", "assumed")
     bw = target.get("bandwidth_gbs")
-    compute_dtype = "float16" if "f16" in fmt or fmt in ("float16", "F16", "int4_awq", "Q4_K_M", "Q8_0", "Q4_0") else (
-        "bfloat16" if fmt == "bfloat16" else "float32")
+    compute_dtype = ("float32" if fmt.lower() in F32_COMPUTE else "bfloat16" if fmt.lower() == "bfloat16"
+                     else "float16")
     peak = _peak(target, compute_dtype)
     if not bw or not peak:
         raise UserError(f"target {target['name']!r} lacks a bandwidth or peak figure; measure it with `amoeba-export profile`")

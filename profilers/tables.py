@@ -204,12 +204,12 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
 
 
 def build_estimated(plans: dict[Shape, object], *, target: dict, flow: str, model: dict, strategy: str | None,
-                    workload: Workload) -> LatencyTable:
+                    workload: Workload, fmt: str | None = None) -> LatencyTable:
     from .roofline import estimate
 
     entries, detail = {}, None
     for shape, dense in plans.items():
-        seconds, detail = estimate(dense, target, flow, workload)
+        seconds, detail = estimate(dense, target, flow, workload, fmt)
         entries[str(shape)] = {"predicted": seconds}
     detail = {k: v for k, v in (detail or {}).items() if k not in ("seconds", "tpot_bytes", "tpot_bound", "ttft_bound")}
     return LatencyTable(

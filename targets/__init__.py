@@ -324,11 +324,15 @@ def describe(target: dict) -> str:
     else:
         peak_s = f"fp16 {peak['fp16']:g} TFLOPS dense"
         arch = target.get("arch", "?")
-    defaults = target.get("flow_defaults") or {}
-    flows = ", ".join(f"{f}:{_default_format(defaults.get(f, {}))}" for f in target.get("flows", []))
+    flows = ", ".join(f"{f}:{default_format(target, f) or '?'}" for f in target.get("flows", []))
     return f"{target['name']}  {arch}  {mem_s}  {bw_s}  {peak_s}  flows: {flows}"
 
 
-def _default_format(table: dict) -> str:
+def default_format(target: dict, flow: str) -> str | None:
+    """The weight format a flow uses on a target by default: its quantization unless "none", else its
+    dtype; None where the target has no table for the flow."""
+    table = (target.get("flow_defaults") or {}).get(flow)
+    if table is None:
+        return None
     q = table.get("quantization")
-    return q if q and q != "none" else table.get("dtype", "?")
+    return q if q and q != "none" else table.get("dtype")

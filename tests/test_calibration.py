@@ -1,5 +1,4 @@
 """Stage-1 calibration on a tiny model: the DP recurrence, FLAP selection and compensation, resume."""
-import itertools
 import random
 
 import numpy as np

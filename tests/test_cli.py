@@ -1,7 +1,6 @@
 """The command line: one-line errors with exit code 2, and the happy paths on a tiny model."""
 import json
 import os
-import pickle
 import shutil
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Exported HF directories reproduce the masked reference forward, for every shape."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
