@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from amoeba_export.errors import UserError
-from amoeba_export.exporters.gguf import FILE, llama_cpp_module, toolchain
+from amoeba_export.exporters.gguf import FILE, llama_cpp_module
 
-from .timing import Timing, environment, measure, physical_cores, profile_record
-from .workload import METRICS, Workload
+from .timing import Timing, environment, measure, profile_record, resolve_threads
+from .workload import Workload
 
 FLOW = "gguf"
 TIMES_BUILD = True  # K-quants exist only after the build: profile_table builds before timing
@@ -132,23 +132,13 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     if workload.batch != 1:
         raise UserError(f"the gguf profiler times batch 1 (llama-cpp-python runs one sequence); got batch "
                         f"{workload.batch}: use --batch 1")
-    metrics = tuple(dict.fromkeys(metrics or ("ttft", "tpot", workload.metric)))
-    for m in metrics:
-        if m not in METRICS:
-            raise UserError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
-    n = physical_cores() if threads is None else threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    n = resolve_threads(threads)
     file = artifact_file(path)
     meta = read_meta(file)
-    longest = workload.prompt_len + (workload.gen_len if "e2e" in metrics else 1)
-    if longest > meta["context_length"]:
-        raise UserError(f"workload {workload.key()} needs {longest} positions but the model's context length is "
-                        f"{meta['context_length']}: shorten --prompt-len or --gen-len")
+    metrics, longest = workload.timed(metrics, meta["context_length"], "context length")
     llm = load_artifact(file, longest, n)
     ids = prompt_ids(meta["vocab_size"], workload, seed=seed)
-    env = environment()
-    env["versions"].update({k: v for k, v in toolchain().items() if v})
+    env = environment(n)
     timings = time_workload(llm, ids, workload, metrics, **measure_kwargs)
     cp = llm.context_params
     runtime = {

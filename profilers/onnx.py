@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amoeba_export.errors import UserError
 from amoeba_export.exporters import onnx as exporter
 
-from .timing import Timing, environment, measure, physical_cores, profile_record, skew_warnings
-from .workload import METRICS, Workload
+from .timing import Timing, environment, measure, profile_record, resolve_threads
+from .workload import Workload
 
 FLOW = "onnx"
 TIMES_BUILD = True  # the shipped artifact runs model.opt.onnx: time that
@@ -50,15 +49,7 @@ def prompt_ids(config: dict, workload: Workload, *, seed: int = 0) -> np.ndarray
 def time_workload(sess, config: dict, workload: Workload, *, seed: int = 0,
                   metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict[str, Timing]:
     """Time `metrics` (default: ttft, tpot, and the workload's own metric). Returns {metric: Timing}, seconds."""
-    metrics = tuple(dict.fromkeys(metrics or ("ttft", "tpot", workload.metric)))
-    for m in metrics:
-        if m not in METRICS:
-            raise UserError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
-    longest = workload.prompt_len + (workload.gen_len if "e2e" in metrics else 1)
-    max_pos = config.get("max_position_embeddings")
-    if max_pos is not None and longest > max_pos:
-        raise UserError(f"workload {workload.key()} needs {longest} positions but the model has "
-                        f"max_position_embeddings={max_pos}: shorten --prompt-len or --gen-len")
+    metrics, _ = workload.timed(metrics, config.get("max_position_embeddings"), "max_position_embeddings")
     ids = prompt_ids(config, workload, seed=seed)
     empty = exporter.empty_past(config, workload.batch)
     out: dict[str, Timing] = {}
@@ -84,14 +75,11 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     """
     import onnxruntime as ort
 
-    n = physical_cores() if threads is None else threads
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    n = resolve_threads(threads)
     path = Path(path)
     sess, config, model_file = load_artifact(path, n)
-    env = environment()
+    env = environment(n)
     env["ort_intra_op_threads"] = n
-    env["warnings"] = skew_warnings({**env, "torch_threads": n})  # judged by the threads ORT runs
     timings = time_workload(sess, config, workload, seed=seed, metrics=metrics, **measure_kwargs)
     runtime = {
         "flow": FLOW, "device": "cpu", "provider": sess.get_providers()[0], "onnxruntime": ort.__version__,

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from amoeba_export.errors import UserError
+from amoeba_export.materialize import DTYPES
 
 from .timing import Timing, environment, measure, pinned_threads, profile_record
-from .workload import METRICS, Workload
+from .workload import Workload
 
 FLOW = "pytorch"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -58,12 +58,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: s
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    from transformers import AutoModelForCausalLM
+    from amoeba_export.exporters.pytorch import load_model
 
-    import amoeba_export.modeling  # noqa: F401  (registers amoeba_llama with the Auto classes)
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
-    return model.to(dev).eval()
+    return load_model(path, dtype if dtype is not None else "auto").to(dev)
 
 
 # ---------------------------------------------------------------- the steps that are timed
@@ -135,16 +132,9 @@ def time_workload(model, workload: Workload, *, device: str | torch.device | Non
     `measure_kwargs` go to `timing.measure` (warmup, min_repeats, max_repeats, max_seconds,
     rel_tol, ...). Returns {metric: Timing}, seconds.
     """
-    metrics = tuple(dict.fromkeys(metrics or ("ttft", "tpot", workload.metric)))
-    for m in metrics:
-        if m not in METRICS:
-            raise UserError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+    metrics, _ = workload.timed(metrics, getattr(model.config, "max_position_embeddings", None),
+                                "max_position_embeddings")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    longest = workload.prompt_len + (workload.gen_len if "e2e" in metrics else 1)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and longest > max_pos:
-        raise UserError(f"workload {workload.key()} needs {longest} positions but the model has "
-                        f"max_position_embeddings={max_pos}: shorten --prompt-len or --gen-len")
     if dev.type == "cuda":
         measure_kwargs.setdefault("sync", lambda: torch.cuda.synchronize(dev))
 

@@ -222,15 +222,21 @@ def physical_cores() -> int:
     return len(cores) or (os.cpu_count() or 1)
 
 
+def resolve_threads(n: int | None) -> int:
+    """The thread count a run uses: `n`, or the physical cores; anything else is a UserError."""
+    n = physical_cores() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    return n
+
+
 @contextlib.contextmanager
 def pinned_threads(n: int | None = None):
     """`torch.set_num_threads(n)` inside the block (default: physical cores), restored after.
     Yields the thread count used, so the caller can record it."""
     import torch
 
-    n = physical_cores() if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"threads must be a whole number >= 1, got {n!r}")
+    n = resolve_threads(n)
     previous = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -241,8 +247,9 @@ def pinned_threads(n: int | None = None):
 
 # ---------------------------------------------------------------- environment
 
-def environment() -> dict:
-    """What can skew a measurement, read before the run; `warnings` says what looks wrong.
+def environment(run_threads: int | None = None) -> dict:
+    """What can skew a measurement, read before the run; `warnings` says what looks wrong, judged by
+    the run's own thread count `run_threads` (default: torch's, for runtimes that torch drives).
 
     Only cheap reads: /proc and /sys files, package metadata, torch's CUDA query when torch is
     already imported or a driver is present, and `nvpmodel -q` on a Jetson (a short subprocess).
@@ -258,6 +265,7 @@ def environment() -> dict:
         "usable_cpus": len(cpus),
         "physical_cores": physical_cores(),
         "torch_threads": threads,
+        "run_threads": run_threads if run_threads is not None else threads,
         "governor": _governor(cpus),
         "cpu_boost": _read("/sys/devices/system/cpu/cpufreq/boost"),
         "loadavg": _loadavg(),
@@ -275,7 +283,7 @@ def skew_warnings(env: dict) -> list[str]:
     """Plain-language warnings for an `environment()` record."""
     out = []
     cores = env.get("usable_cpus") or env.get("logical_cpus") or 1
-    threads = env.get("torch_threads") or cores
+    threads = env.get("run_threads") or env.get("torch_threads") or cores
     load = (env.get("loadavg") or [None])[0]
     if load is not None and load > max(0.5, cores - threads):
         out.append(f"load average {load:.1f} on {cores} cores: other processes are running; timings will be noisy")
@@ -287,7 +295,7 @@ def skew_warnings(env: dict) -> list[str]:
         out.append(f"CPUs run different governors ({', '.join(sorted(set(gov.values())))}): timings depend on scheduling")
     phys = env.get("physical_cores")
     if threads and phys and threads > phys:
-        out.append(f"{threads} torch threads on {phys} physical cores: oversubscribed, timings will be slower and noisier")
+        out.append(f"{threads} threads on {phys} physical cores: oversubscribed, timings will be slower and noisier")
     jetson = env.get("jetson") or {}
     mode = jetson.get("power_mode")
     if mode and "MAXN" not in mode.upper():
@@ -370,11 +378,17 @@ def _jetson() -> dict | None:
 def profile_record(path, workload, timings: dict, env: dict, runtime: dict, measure_kwargs: dict) -> dict:
     """The JSON record every flow's profiler returns: {"workload", "timings": {metric: Timing fields},
     "environment", "artifact", "runtime" (with the artifact's shape when its manifest says), "measure"}."""
-    import json
-    from pathlib import Path
+    from amoeba_export.io import read_json
+    from amoeba_export.manifest import MANIFEST
 
     path = Path(path)
-    record = {
+    manifest = (path if path.is_dir() else path.parent) / MANIFEST
+    if manifest.is_file():
+        try:
+            runtime["shape"] = read_json(manifest).get("shape")
+        except UserError:
+            pass
+    return {
         "workload": workload.to_json(),
         "timings": {m: t.to_dict() for m, t in timings.items()},
         "environment": env,
@@ -382,10 +396,3 @@ def profile_record(path, workload, timings: dict, env: dict, runtime: dict, meas
         "runtime": runtime,
         "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
     }
-    manifest = (path if path.is_dir() else path.parent) / "manifest.json"
-    if manifest.is_file():
-        try:
-            runtime["shape"] = json.loads(manifest.read_text()).get("shape")
-        except (OSError, json.JSONDecodeError):
-            pass
-    return record

@@ -36,6 +36,21 @@ class Workload:
         if self.metric not in METRICS:
             raise UserError(f"unknown metric {self.metric!r}: choose one of {', '.join(METRICS)}")
 
+    def timed(self, metrics: tuple[str, ...] | None, max_positions: int | None, limit_name: str
+              ) -> tuple[tuple[str, ...], int]:
+        """(the metrics a profiler times: `metrics`, default ttft, tpot and the workload's own, each
+        once; the longest sequence they need), checked against the artifact's `max_positions`
+        (`limit_name` says which setting that is)."""
+        metrics = tuple(dict.fromkeys(metrics or ("ttft", "tpot", self.metric)))
+        for m in metrics:
+            if m not in METRICS:
+                raise UserError(f"unknown metric {m!r}: choose from {', '.join(METRICS)}")
+        longest = self.prompt_len + (self.gen_len if "e2e" in metrics else 1)
+        if max_positions is not None and longest > max_positions:
+            raise UserError(f"workload {self.key()} needs {longest} positions but the model's {limit_name} is "
+                            f"{max_positions}: shorten --prompt-len or --gen-len")
+        return metrics, longest
+
     def key(self) -> str:
         """Filename-safe name, e.g. ``b1-p128-g64-tpot``."""
         return f"b{self.batch}-p{self.prompt_len}-g{self.gen_len}-{self.metric}"

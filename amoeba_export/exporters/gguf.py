@@ -21,7 +21,6 @@ import json
 import math
 import os
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -361,13 +360,11 @@ def llama_cpp_module():
 
 
 def toolchain() -> dict:
-    out = {}
-    for pkg in ("llama_cpp_python", "gguf"):
-        try:
-            out[pkg] = metadata.version(pkg.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    """The versions of what writes and runs the file (from the manifest's version list)."""
+    from ..manifest import versions
+
+    v = versions()
+    return {pkg: v.get(pkg) for pkg in ("llama_cpp_python", "gguf")}
 
 
 def tensor_types(path: Path) -> dict[str, int]:
