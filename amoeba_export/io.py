@@ -74,13 +74,41 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _publishable(root: Path) -> None:
-    """Ordinary permissions (mkdtemp makes 0700 and some writers 0600): what the umask allows."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
+    return umask
+
+
+def _publishable(root: Path) -> None:
+    """Ordinary permissions (mkdtemp makes 0700 and some writers 0600): what the umask allows."""
+    umask = _umask()
     os.chmod(root, 0o777 & ~umask)
     for p in root.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write one file through `write(binary file object)` into a temporary file beside `path`, synced,
+    then renamed over it: a reader never sees half a file, an interrupted write leaves none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; publish with ordinary permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 @contextlib.contextmanager

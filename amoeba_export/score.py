@@ -14,20 +14,17 @@ inputs; wall-clock facts (date, seconds per shape, versions, command) live only 
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .io import dumps_json, read_json
+from .io import dumps_json, read_json, write_text_atomic
 from .metrics import mc_accuracy, perplexity
 from .shapes import Shape
 
@@ -158,7 +155,7 @@ class AccuracyTable:
 
     def save(self, path: Path) -> None:
         """Write atomically: a temporary file beside `path`, renamed over it when complete."""
-        _write_atomic(Path(path), dumps_json(self.to_json()))
+        write_text_atomic(Path(path), dumps_json(self.to_json()))
 
     @classmethod
     def load(cls, path: Path, model_fingerprint: str | None = None,
@@ -186,24 +183,6 @@ class AccuracyTable:
                 strategy_fingerprint is not None and table.strategy_fingerprint != strategy_fingerprint):
             raise UserError(f"{STALE} ({path})")
         return table
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; publish with ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def eval_set(tokenizer, cfg: EvalConfig):

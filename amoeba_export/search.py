@@ -22,12 +22,12 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
 from .errors import UserError
+from .io import write_atomic
 from .shapes import Shape
 
 # ---------------------------------------------------------------------------------------------
@@ -497,13 +497,5 @@ def plot_pareto(path: str | os.PathLike, score: dict[Shape, float], latency: dic
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: fig.savefig(f, format="png", metadata={"Software": None}))
     return path

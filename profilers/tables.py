@@ -13,11 +13,11 @@ pickle.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from amoeba_export.errors import UserError
-from amoeba_export.io import dumps_json, read_json
+from amoeba_export.io import dumps_json, read_json, write_text_atomic
 from amoeba_export.shapes import Shape
 
 from .workload import Workload
@@ -115,13 +115,7 @@ class LatencyTable:
         return Path(root) / target / flow / model_name / f"{workload.key()}{'-' + variant if variant else ''}.json"
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps_json(asdict(self)))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_text_atomic(path, dumps_json(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> "LatencyTable":
@@ -174,17 +168,17 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
                 "workload": workload.to_json(), "hardware": hardware_fingerprint(target)}
     done: dict[str, dict] = {}
     if checkpoint is not None and Path(checkpoint).is_file():
-        saved = json.loads(Path(checkpoint).read_text())
-        if saved.get("settings") == json.loads(json.dumps(settings)):
-            done = saved["measured"]
+        with contextlib.suppress(UserError):  # an unreadable checkpoint is measured again
+            saved = read_json(checkpoint)
+            if saved.get("settings") == json.loads(json.dumps(settings)):
+                done = saved["measured"]
     bar = tqdm(todo, desc=f"profiling {flow} on {target['name']}", unit="shape", disable=not progress)
     for shape in bar:
         if str(shape) in done:
             continue
         done[str(shape)] = measure(shape)
         if checkpoint is not None:
-            Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-            Path(checkpoint).write_text(json.dumps({"settings": settings, "measured": done}))
+            write_text_atomic(checkpoint, json.dumps({"settings": settings, "measured": done}))
     coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
     entries = {}
     for shape, dense in plans.items():
