@@ -36,3 +36,13 @@ def tiny_llama3(tmp_path_factory):
     rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
     return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny_llama3"), tied=False, seed=4, rope_parameters=rope)
+
+
+@pytest.fixture(scope="session")
+def default_elastic():
+    """The real default model (SmolLM2-135M-Instruct) with its shipped strategy, loaded once for the
+    slow tests (they only read it)."""
+    from amoeba_export.elastic import ElasticModel
+    from amoeba_export.strategy import SHIPPED, Strategy
+
+    return ElasticModel(None, Strategy.load(SHIPPED / "smollm2-135m-instruct"))

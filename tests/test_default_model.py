@@ -13,15 +13,15 @@ from amoeba_export.base_model import default_model_dir, model_info  # noqa: E402
 from amoeba_export.elastic import ElasticModel  # noqa: E402
 from amoeba_export.pipeline import compile_shape  # noqa: E402
 from amoeba_export.shapes import Shape  # noqa: E402
-from amoeba_export.strategy import SHIPPED, Strategy  # noqa: E402
+from amoeba_export.strategy import SHIPPED  # noqa: E402
 
 SHIPPED_DIR = SHIPPED / "smollm2-135m-instruct"
 HOST = {"name": "host", "flows": ["pytorch"]}
 
 
-@pytest.fixture(scope="module")
-def elastic():
-    return ElasticModel(None, Strategy.load(SHIPPED_DIR))
+@pytest.fixture()
+def elastic(default_elastic):
+    return default_elastic
 
 
 def test_shipped_strategy_matches_the_default_model(elastic):

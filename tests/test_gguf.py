@@ -9,7 +9,6 @@ where the reference's margin exceeds twice the error bound. On the real model (l
 [-26, 41]) F32 matches to 7e-5 with every greedy token equal; quantised files flip near-ties only
 (see the comment above the slow quantised tests).
 """
-import hashlib
 import json
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.io import sha256_file
 from amoeba_export.materialize import materialize
 from amoeba_export.shapes import Shape
 
@@ -52,10 +52,6 @@ def reader(out):
 
 def field(r, key):
     return r.fields[key].contents()
-
-
-def sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def confident_agreement(ref, got, margin):
@@ -243,7 +239,7 @@ def test_build_kquant_mechanics_on_tiny(tiny_gqa, tmp_path):
     assert (gx.load(tmp_path / "k")(ids) - em.logits(ids, shape)).abs().max() < 1.0
     export(em, shape, tmp_path / "k2")
     gx.build(tmp_path / "k2", {"name": "host"}, quant="q4_k_m")
-    assert sha256(tmp_path / "k" / "model.gguf") == sha256(tmp_path / "k2" / "model.gguf")  # deterministic
+    assert sha256_file(tmp_path / "k" / "model.gguf") == sha256_file(tmp_path / "k2" / "model.gguf")  # deterministic
     nothing = gx.build(tmp_path / "k", {"name": "host"}, quant="q8_0")
     assert nothing["built"] == [] and "nothing to build" in nothing["note"]
 
@@ -314,7 +310,7 @@ def test_emit_is_deterministic(tiny_qwen, tmp_path):
     shape = em.strategy.space.smallest
     for name in ("a", "b"):
         export(em, shape, tmp_path / name)
-    assert sha256(tmp_path / "a" / "model.gguf") == sha256(tmp_path / "b" / "model.gguf")
+    assert sha256_file(tmp_path / "a" / "model.gguf") == sha256_file(tmp_path / "b" / "model.gguf")
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -370,11 +366,6 @@ def vocab_only_gguf(tokenizer_dir, path, vocab_size):
     w.write_ti_data_to_file()
     w.close()
     return record
-
-
-def llama_tokenize(path, text):
-    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
-    return llm.tokenize(text.encode(), add_bos=True, special=True)
 
 
 @pytest.mark.parametrize("kind", ["gpt-2", "smollm", "llama-bpe"])
@@ -491,11 +482,9 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def real():
-    from amoeba_export.strategy import SHIPPED, Strategy
-
-    return ElasticModel(None, Strategy.load(SHIPPED / "smollm2-135m-instruct"))
+@pytest.fixture()
+def real(default_elastic):
+    return default_elastic
 
 
 def real_ids(em):

@@ -1,6 +1,5 @@
 """The ONNX flow: ONNX Runtime runs the exported graph, KV cache in and out, and matches the masked
 reference forward; the files are deterministic; the ORT-GenAI folder generates what transformers does."""
-import hashlib
 import json
 import shutil
 
@@ -11,6 +10,7 @@ import torch
 import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.io import sha256_file
 from amoeba_export.exporters import onnx as ox
 from amoeba_export.exporters import pytorch
 from amoeba_export.materialize import materialize
@@ -63,7 +63,7 @@ def genai_greedy(og, folder, prompt: list[int], n: int) -> list[int]:
 
 
 def sha256s(d) -> dict:
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(d)): sha256_file(p) for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def prefill_decode_diff(sess, config, em, shape, ids: torch.Tensor, prompt: int) -> list[float]:
@@ -170,9 +170,9 @@ def test_build_writes_an_optimised_graph_with_the_same_logits(tiny_qwen, exporte
     diffs = prefill_decode_diff(ox.session(art / ox.OPT_FILE), ox.read_config(art), em, shape, ids, prompt=12)
     assert max(diffs) < TOL, diffs
     assert (ox.load(art)(ids) - em.logits(ids, shape)).abs().max().item() < TOL
-    first = hashlib.sha256((art / ox.OPT_FILE).read_bytes()).hexdigest()
+    first = sha256_file(art / ox.OPT_FILE)
     ox.build(art, {"name": "host", "kind": "cpu"})
-    assert hashlib.sha256((art / ox.OPT_FILE).read_bytes()).hexdigest() == first
+    assert sha256_file(art / ox.OPT_FILE) == first
     # a device target gets the provider-independent level only
     assert ox.build(art, {"name": "jetson-orin", "kind": "gpu"})["graph_optimization_level"] == "ORT_ENABLE_BASIC"
 
@@ -268,13 +268,11 @@ def test_genai_float16_cpu_build_is_refused_and_caught(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_pruned_shape(tmp_path):
+def test_default_model_pruned_shape(tmp_path, default_elastic):
     """SmolLM2-135M at 24x0.75 (per-layer): export, build, prefill + decode in ORT against the reference."""
     import time
 
-    from amoeba_export.strategy import SHIPPED, Strategy
-
-    em = ElasticModel(None, Strategy.load(SHIPPED / "smollm2-135m-instruct"))
+    em = default_elastic
     shape = Shape.parse("24x0.75")
     dense = materialize(em, shape, "float32")
     t0 = time.perf_counter()
@@ -297,15 +295,13 @@ def test_default_model_pruned_shape(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_model_genai_generates_like_transformers(tmp_path):
+def test_default_model_genai_generates_like_transformers(tmp_path, default_elastic):
     """SmolLM2-135M at 19x1.0 (uniform, head_dim 64): the genai/ folder greedy-generates what
     transformers generates from the PyTorch-flow export."""
     import onnxruntime_genai as og
     from transformers import AutoModelForCausalLM
 
-    from amoeba_export.strategy import SHIPPED, Strategy
-
-    em = ElasticModel(None, Strategy.load(SHIPPED / "smollm2-135m-instruct"))
+    em = default_elastic
     dense = materialize(em, Shape.parse("19x1.0"), "float32")
     out, hf_dir = tmp_path / "onnx", tmp_path / "hf"
     out.mkdir(), hf_dir.mkdir()
