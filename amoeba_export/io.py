@@ -81,11 +81,12 @@ def _umask() -> int:
 
 
 def _publishable(root: Path) -> None:
-    """Ordinary permissions (mkdtemp makes 0700 and some writers 0600): what the umask allows."""
+    """Ordinary permissions (mkdtemp makes 0700 and some writers 0600): what the umask allows;
+    files written executable (a build script) stay executable."""
     umask = _umask()
     os.chmod(root, 0o777 & ~umask)
     for p in root.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        os.chmod(p, (0o777 if p.is_dir() or p.stat().st_mode & 0o100 else 0o666) & ~umask)
 
 
 def write_atomic(path: Path, write) -> None:

@@ -88,11 +88,15 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
     if caps.head_dims is not None and D not in caps.head_dims:
         raise UserError(f"head_dim {D} is not in flow {flow!r}'s kernel set {list(caps.head_dims)}; head_dim cannot "
                         "be padded exactly (RoPE), so this model cannot be exported to this flow")
+    # a flow without per-layer sizes runs a stock class, which wants the head count to divide hidden
+    stock = dense.uniform and (not caps.heads_divide_hidden or dense.hidden_size % dense.layers[0].n_heads == 0)
     if layout == "auto":
-        layout = "native" if caps.per_layer or dense.uniform else "pad"
-    if layout == "native" and not (caps.per_layer or dense.uniform):
-        raise UserError(f"flow {flow!r} needs the same sizes in every layer and shape {dense.record.get('shape')} "
-                        "has per-layer sizes: use --layout pad (exact) or --layout uniform (re-selected)")
+        layout = "native" if caps.per_layer or stock else "pad"
+    if layout == "native" and not (caps.per_layer or stock):
+        why = ("has per-layer sizes" if not dense.uniform else
+               f"has {dense.layers[0].n_heads} heads, which do not divide hidden size {dense.hidden_size}")
+        raise UserError(f"flow {flow!r} needs the same sizes in every layer (a stock model class) and shape "
+                        f"{dense.record.get('shape')} {why}: use --layout pad (exact) or --layout uniform (re-selected)")
     before = dense.parameters()
     changes: list[str] = []
     reselected = None

@@ -31,8 +31,12 @@ BITS_PER_WEIGHT = {
     "q4f16_1": (4.5, "MLC q4f16_1: int4 + one fp16 scale per 32 weights (formats.md §5.3; prior-art.md §8)"),
     "q4f32_1": (5.0, "MLC q4f32_1: int4 + one fp32 scale per 32 weights"),
     "q0f16": (16.0, "MLC q0f16"),
+    "q0bf16": (16.0, "MLC q0bf16"),
+    "q0f32": (32.0, "MLC q0f32"),
     "int4_awq": (4.125, "int4 weights + one fp16 scale per group of 128"),
     "int8": (8.0, "int8 weight-only"),
+    "int8_wo": (8.0, "TensorRT-LLM int8 weight-only (per-channel scales not counted)"),
+    "int4_wo": (4.0, "TensorRT-LLM int4 weight-only (per-channel scales not counted)"),
 }
 DEFAULT_PREFILL_EFFICIENCY = 0.5  # assumed: no public per-flow figure at hand
 

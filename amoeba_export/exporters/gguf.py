@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..legalize import FlowCaps
 from ..materialize import DenseModel
+from ..numpy_llama import rope_frequencies
 from .pytorch import rope
 
 NAME = "gguf"
@@ -140,17 +141,9 @@ def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray | None:
         return None
     if kind != "llama3":
         raise UserError(f"RoPE scaling {kind!r} is not supported by the gguf exporter (default and llama3 are)")
-    factor = float(scaling["factor"])
-    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
-    old_ctx = float(scaling["original_max_position_embeddings"])
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * math.pi / inv_freq
-    smooth = np.clip((old_ctx / wavelen - low) / (high - low), 0.0, 1.0)
-    # high frequencies (short wavelengths) keep 1, low ones get `factor`, the band between blends
-    scaled = np.where(wavelen < old_ctx / high, inv_freq,
-                      np.where(wavelen > old_ctx / low, inv_freq / factor,
-                               (1 - smooth) * inv_freq / factor + smooth * inv_freq))
-    return (inv_freq / scaled).astype(np.float32)
+    base = rope_frequencies(theta, head_dim)
+    scaled = rope_frequencies(theta, head_dim, scaling)
+    return (base / scaled).astype(np.float32)
 
 
 def convert(t: np.ndarray, ggml_type) -> np.ndarray:
@@ -321,7 +314,7 @@ def metadata_keys(writer, dense: DenseModel, wtype) -> None:
         writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
     """Write `model.gguf`. `quant` None keeps the dense dtype; a K-quant writes the F32 (F16)
     intermediate that `build` quantises. The tokenizer record goes to `dense.record["gguf"]`."""
     import gguf

@@ -236,7 +236,7 @@ def check_quant(dense: DenseModel, quant: str | None) -> None:
                         "pass --dtype float32 or float16")
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, *,
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None, *,
          genai: bool = True) -> list[str]:
     """Write model.onnx (+ data), tokenizer files, onnx_config.json, and `genai/` where the
     ORT-GenAI builder applies (`genai=False` skips it, e.g. when only timing the graph)."""

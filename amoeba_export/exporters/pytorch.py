@@ -101,7 +101,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
     out_dir = Path(out_dir)
     write_json(out_dir / "config.json", hf_config(dense))
     files = ["config.json"]
