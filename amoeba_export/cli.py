@@ -30,6 +30,18 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r.get(c, "") for c in cols) for r in rows])
 
 
+def parity_lines(p: dict, note) -> None:
+    limit = f" (limit {p['tolerance']:g})" if p.get("tolerance") is not None else ""
+    click.echo(f"parity against the masked reference: max |Δlogit| {p['max_abs_logit_diff']:.2e}{limit}, "
+               f"greedy agreement {p['greedy_token_agreement']:.0%} on {p['prompt_tokens']} tokens")
+    if p.get("warning"):
+        note(p["warning"])
+
+
+def engine_line(e: dict) -> str:
+    return f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else "")
+
+
 def load_elastic(model, strategy_dir):
     from .elastic import ElasticModel
     from .strategy import Strategy, locate
@@ -63,14 +75,14 @@ def artifact_options(f):
                      "size per layer; uniform: re-select one size per layer (FLAP); auto: the best exact option "
                      "the flow allows.")(f)
     f = click.option("--dtype", default=None, metavar="DTYPE",
-                     help="float32, float16, bfloat16, or the flow's quantisation (gguf: q8_0, q4_k_m, ...); "
+                     help="float32, float16, bfloat16, or the flow's format (gguf: q8_0, q4_k_m, ...; mlc: q4f16_1, q0f16; trtllm: int4_awq); "
                      "default: the target's for the flow.")(f)
     return f
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
-@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf (see DESIGN; trtllm and mlc build on the device).")
+@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf, trtllm, mlc (trtllm and mlc are built and timed on the device).")
 @click.option("--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT).")
 @click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
 @click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
@@ -132,13 +144,23 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
             note(w)
         if summary.get("legalize"):
             click.echo(f"legalize ({summary['legalize']['layout']}): {'; '.join(summary['legalize']['changes'])}")
+        if summary.get("parity"):
+            parity_lines(summary["parity"], note)
+        if summary.get("engine"):
+            click.echo(engine_line(summary["engine"]))
         click.echo("dry run: nothing written" if dry_run else f"wrote {summary['out']} (manifest.json, pareto.png)")
+        if summary.get("measure_command"):
+            where = "here" if target == "host" else f"on the {target}"
+            click.echo(f"the latency table is ESTIMATED; measure it {where}: {summary['measure_command']}")
         return
     from .pipeline import compile_shape
 
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
+    from profilers.workload import Workload
+
     res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir,
-                        layout=layout, strict=strict, build=not no_build)
+                        layout=layout, strict=strict, build=not no_build,
+                        workload=Workload(batch, prompt_len, gen_len, metric))
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
@@ -154,9 +176,10 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
     }], ["target", "flow", "shape", "params", "dtype", "layout", "max|Δlogit|", "greedy agree"]))
     click.echo(f"legalize: {'; '.join(m['legalize']['changes'])}")
+    if p.get("warning"):
+        click.echo(f"note: {p['warning']}", err=True)
     if m["engine"]:
-        e = m["engine"]
-        click.echo(f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else ""))
+        click.echo(engine_line(m["engine"]))
     click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
 
 
@@ -310,6 +333,46 @@ def import_strategy(npy, model, out, width_choice):
     s = import_dp_strategy(npy, info, [parse_width(w) for w in width_choice.split(",")])
     s.save(Path(out))
     click.echo(f"wrote strategy {out}: {len(s.depths)} depths, {len(s.widths)} widths")
+
+
+@cli.command()
+@click.argument("matrix_file", metavar="FILE.toml", type=click.Path())
+@click.option("--out", "dist", default=None, metavar="DIR", help="Dist folder (default: the file's `dist`, else dist/).")
+@click.option("--runner", default=None, help="Only the rows of this runner (hosted, or a device label such as jetson-orin).")
+@click.option("--only", default=None, metavar="NAME[,NAME]", help="Only these rows (by name).")
+@click.option("--no-build", is_flag=True, help="Skip engine builds (scripts are still written).")
+@click.option("--no-verify", is_flag=True, help="Skip the parity checks.")
+@MODEL
+@STRATEGY
+@JSON
+def matrix(matrix_file, dist, runner, only, no_build, no_verify, model, strategy_dir, as_json):
+    """Build a list of (target, flow, budget) artifacts into a dist folder, with a summary table."""
+    from . import matrix as mx
+
+    rows, file_dist = mx.load(Path(matrix_file))
+    if runner is not None:
+        rows = [r for r in rows if r.runner == runner]
+    if only is not None:
+        wanted = set(only.split(","))
+        missing = wanted - {r.name for r in rows}
+        if missing:
+            raise UserError(f"--only: no row named {', '.join(sorted(missing))} (rows: {', '.join(r.name for r in rows)})")
+        rows = [r for r in rows if r.name in wanted]
+    if not rows:
+        raise UserError(f"{matrix_file}: no rows{f' for runner {runner!r}' if runner else ''}")
+    dist = Path(dist or file_dist or "dist")
+    elastic, sdir = load_elastic(model, strategy_dir)
+    note = (lambda m: click.echo(f"note: {m}", err=True))
+    results = mx.run(rows, dist, elastic, sdir, build=not no_build, check=not no_verify, notice=note)
+    path = mx.write_summary(results, dist)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, sort_keys=True))
+    else:
+        click.echo(mx.markdown(results), nl=False)
+        click.echo(f"wrote {path}")
+    failed = [r["name"] for r in results if "error" in r]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(results)} artifacts failed: {', '.join(failed)} (see {path})")
 
 
 @cli.command()

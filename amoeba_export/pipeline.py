@@ -121,16 +121,22 @@ def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | 
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
                   adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
-                  before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
-    """Materialize, legalize, emit, build, verify and write the manifest (last). `before_manifest(dir,
-    body)` may add files and manifest fields (the search's plot, the artifact's measured latency)."""
+                  workload=None, before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
+    """Materialize, legalize, emit, build, verify and write the manifest (last). `workload`: what the
+    artifact is sized for (default batch 1, prompt 128, 64 generated). `before_manifest(dir, body)` may
+    add files and manifest fields (the search's plot, the artifact's measured latency)."""
+    from profilers.workload import Workload
+
+    workload = workload or Workload()
     exporter = get_exporter(flow)
     if flow not in target.get("flows", []):
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
     shape = elastic.strategy.resolve(shape)
     dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
     with atomic_dir(out) as tmp:
-        files = exporter.emit(dense, tmp, elastic.dir, quant=quant)
+        files = exporter.emit(dense, tmp, elastic.dir, quant=quant, workload=workload)
+        if hasattr(exporter, "script"):  # the device's build script, written whether or not it runs here
+            files += exporter.script(tmp, target, quant=quant, workload=workload)
         built = exporter.build(tmp, target, quant=quant) if build and hasattr(exporter, "build") else None
         parity = None
         if check:
@@ -140,6 +146,11 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             limits = {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()} if quant is None else {}
             limits.update(getattr(exporter, "TOLERANCE", {}))
             parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
+            if parity["greedy_token_agreement"] < 0.9:
+                parity["warning"] = (f"{quant or dense.dtype} changes {1 - parity['greedy_token_agreement']:.0%} of the "
+                                     f"greedy tokens on the verify prompt against the masked reference; the accuracy "
+                                     f"table scores the unquantised model, so measure this format's accuracy before "
+                                     f"shipping it, or choose a wider format with --dtype")
             if quant is None and dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
                 raise UserError(f"parity check failed for {flow} at {shape}: max |logit difference| "
                                 f"{parity['max_abs_logit_diff']:.3g} > {parity['tolerance']:g} against the masked "
@@ -149,6 +160,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "target": target,
             "shape": str(shape),
             "dtype": quant or str(dense.dtype).removeprefix("torch."),
+            "workload": workload.to_json(),
             "model": elastic.info,
             "inputs": hash_inputs({"model": elastic.dir, "strategy": strategy_dir, "adapter": adapter_dir}),
             "layers": [vars(s) for s in dense.layers],
@@ -183,32 +195,40 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
                   plans: Plans, threads: int | None, notice: Callable[[str], None]):
     """The stored table for target × flow × model × workload (× variant); else profile the host, or
     estimate."""
-    from profilers.profile import PROFILERS, profile_table
-    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
+    from profilers.profile import cannot_measure, profile_table
+    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, profile_command, strategy_fingerprint
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
     path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=plans.variant)
+    command = profile_command(target, flow, plans.fmt, workload)
+    on_device = "" if target["name"] == "host" else f" on the {target['name']}"
+    measurable = cannot_measure(target, flow) is None
     if path.is_file():
         table = LatencyTable.load(path)
         table.check(model, sfp)
-        if table.source == "estimated":
-            notice(f"latency table {path} is ESTIMATED (roofline); measure it on the device: "
-                   f"amoeba-export profile --target host --flow {flow}")
-        elif target["name"] == "host" and table.provenance.get("hardware") != hardware_fingerprint(target):
-            notice(f"latency table {path} was measured on other hardware ({table.provenance.get('hardware')}); "
-                   f"re-measure here with: amoeba-export profile --target host --flow {flow}")
-        return table, path
-    if target["name"] == "host" and flow in PROFILERS:
-        notice(f"no latency table for host/{flow}/{workload.key()}: profiling this machine now "
-               f"(the same as `amoeba-export profile --target host --flow {flow}`)")
+        if table.source == "estimated" and measurable:
+            notice(f"latency table {path} is ESTIMATED (roofline) and this machine can measure it: profiling now "
+                   f"(the same as `{command}`)")
+        elif table.source == "estimated":
+            notice(f"latency table {path} is ESTIMATED (roofline); measure it{on_device} with: {command}")
+            return table, path
+        else:
+            if target["name"] == "host" and table.provenance.get("hardware") != hardware_fingerprint(target):
+                notice(f"latency table {path} was measured on other hardware ({table.provenance.get('hardware')}); "
+                       f"re-measure here with: {command}")
+            return table, path
+    elif measurable:
+        notice(f"no latency table for {target['name']}/{flow}/{workload.key()}: profiling this machine now "
+               f"(the same as `{command}`)")
+    if measurable:
         return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, threads=threads,
                              plans=plans.shapes, quant=plans.quant, variant=plans.variant)
     table = build_estimated(plans.shapes, target=target, flow=flow, model=model, strategy=sfp, workload=workload,
                             fmt=plans.fmt)
     table.save(path)
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
-           f"measure it on the device with: amoeba-export profile --target host --flow {flow}")
+           f"measure it{on_device} with: {command}")
     return table, path
 
 
@@ -239,7 +259,8 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                    layout: str = "auto", strict: bool = False, build: bool = True,
                    notice: Callable[[str], None] = print) -> dict:
     """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
-    from profilers.profile import PROFILERS, time_artifact
+    from profilers.profile import cannot_measure, time_artifact
+    from profilers.tables import profile_command
 
     from .search import plot_pareto, search
 
@@ -255,6 +276,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         "score": result.score, "score_definition": "-log(held-out perplexity)", "table": str(table_path),
         "table_source": table.source, "table_validation": table.validation, "search": result.as_dict(),
         "parameters": plans.shapes[result.shape].parameters(), "measured_latency_s": None, "out": None,
+        "measure_command": None if table.source == "measured" else profile_command(target, flow, plans.fmt, workload),
     }
     if dry_run:
         return summary
@@ -264,8 +286,8 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         plot_pareto(tmp / "pareto.png", acc.scores(), latency, budget_s, result.shape,
                     f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         measured = None
-        if target["name"] == "host" and flow in PROFILERS:
-            measured = time_artifact(tmp, flow, workload, threads=threads or table_threads(table))
+        if cannot_measure(target, flow) is None:
+            measured = time_artifact(tmp, flow, workload, threads=threads or table_threads(table), target=target)
         summary["measured_latency_s"] = measured["median"] if measured else None
         if measured:
             summary["measure_warnings"] = list(measured["environment"].get("warnings") or [])
@@ -280,8 +302,9 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         body["search"] = result.as_dict()
 
     res = compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
-                        layout=layout, strict=strict, build=build, before_manifest=finish)
+                        layout=layout, strict=strict, build=build, workload=workload, before_manifest=finish)
     summary["out"] = str(out)
     summary["legalize"] = res.manifest["legalize"]
+    summary["engine"] = res.manifest["engine"]
     summary["parity"] = res.manifest["parity"]
     return summary

@@ -13,17 +13,48 @@ from amoeba_export.errors import UserError
 from amoeba_export.exporters import get_exporter
 from amoeba_export.materialize import materialize
 
-from . import gguf, onnx, pytorch
-from .tables import LatencyTable, build_measured, strategy_fingerprint
+from . import gguf, mlc, onnx, pytorch, trtllm
+from .tables import LatencyTable, build_measured, profile_command, strategy_fingerprint
 from .workload import Workload
 
-PROFILERS = {"pytorch": pytorch, "onnx": onnx, "gguf": gguf}
+PROFILERS = {"pytorch": pytorch, "onnx": onnx, "gguf": gguf, "trtllm": trtllm, "mlc": mlc}
 
 
-def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **measure_kwargs) -> dict:
-    """Time `workload.metric` on an exported artifact: the Timing fields, the environment, the threads."""
+def cannot_measure(target: dict, flow: str) -> str | None:
+    """Why this machine cannot measure `flow` on `target`, or None.
+
+    The host is measured with the CPU profilers. A named GPU target is measured only on that device:
+    a visible GPU of the target's arch, and a profiler that times on the GPU (TensorRT-LLM, MLC-LLM,
+    PyTorch on CUDA); the ONNX Runtime and llama.cpp profilers time the CPU.
+    """
+    from targets import detect_gpu
+
+    profiler = PROFILERS.get(flow)
+    if profiler is None:
+        return f"there is no profiler for flow {flow!r}"
+    devices = getattr(profiler, "DEVICES", ("cpu",))
+    if target["name"] != "host":
+        if target.get("kind") != "gpu" or "cuda" not in devices:
+            return f"the {flow} profiler times the CPU, not the {target['name']}'s GPU"
+        gpu = detect_gpu()
+        if gpu is None:
+            return f"this machine has no visible GPU (the {target['name']} is {target.get('arch')})"
+        if gpu["arch"] != target.get("arch"):
+            return f"this machine's GPU is {gpu['name']} ({gpu['arch']}), not the {target['name']} ({target.get('arch')})"
+    elif "cpu" not in devices:
+        return f"the {flow} profiler times a GPU: name the device as the target (e.g. --target a5000) and run it there"
+    unavailable = getattr(profiler, "unavailable", None)
+    return unavailable() if unavailable else None
+
+
+def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, target: dict | None = None,
+                  **measure_kwargs) -> dict:
+    """Time `workload.metric` on an exported artifact: the Timing fields, the environment, the threads.
+    On a named GPU target a profiler that can time either (PyTorch) times CUDA."""
     if flow not in PROFILERS:
         raise UserError(f"no profiler for flow {flow!r} on this machine (have: {', '.join(PROFILERS)})")
+    if target is not None and target["name"] != "host" and "cpu" in getattr(PROFILERS[flow], "DEVICES", ("cpu",)):
+        measure_kwargs.setdefault("device", "cuda")
     record = PROFILERS[flow].profile_artifact(path, workload, threads=threads, metrics=(workload.metric,), **measure_kwargs)
     timing = dict(record["timings"][workload.metric])
     timing["environment"] = record["environment"]
@@ -32,16 +63,22 @@ def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, **
 
 
 def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, quant=None, threads=None,
-                  **measure_kwargs) -> dict:
+                  target: dict | None = None, **measure_kwargs) -> dict:
     """Export the (legalised) DenseModel for `flow` into a temporary directory, build it as the
-    compile would, and time `workload` on it."""
+    compile would for `target` (default: the host), and time `workload` on it."""
     exporter = get_exporter(flow)
+    target = target or {"name": "host", "kind": "cpu"}
     with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
         profiler = PROFILERS.get(flow)
-        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant, **getattr(profiler, "EMIT_OPTIONS", {}))
+        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant, workload=workload,
+                      **getattr(profiler, "EMIT_OPTIONS", {}))
+        if hasattr(exporter, "script"):
+            exporter.script(Path(tmp), target, quant=quant, workload=workload)
         if getattr(profiler, "TIMES_BUILD", False):  # the profiler times what the build makes
-            exporter.build(Path(tmp), {"name": "host"}, quant=quant)
-        return time_artifact(Path(tmp), flow, workload, threads=threads, **measure_kwargs)
+            built = exporter.build(Path(tmp), target, quant=quant)
+            if built and built.get("skipped") and hasattr(exporter, "script"):
+                raise UserError(f"cannot time {flow}: {built['skipped']}")
+        return time_artifact(Path(tmp), flow, workload, threads=threads, target=target, **measure_kwargs)
 
 
 def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strategy_dir: Path | None = None,
@@ -50,15 +87,17 @@ def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strat
                   variant: str | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
     """Measure and store the table. `plans`: every shape's legalised DenseModel (default: as
     materialized, for flows that take every shape as it is), exported with `quant`."""
-    if target["name"] != "host":
-        raise UserError(f"profiling measures the machine it runs on: use --target host here, or run this command on the {target['name']}")
+    reason = cannot_measure(target, flow)
+    if reason:
+        where = "" if target["name"] == "host" else f" on the {target['name']}"
+        raise UserError(f"profiling measures the machine it runs on, and {reason}: run `{profile_command(target, flow, None, workload)}`{where}")
     plans = plans or {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root, variant)
     checkpoint = path.with_name(f".{path.name}.partial")
     table = build_measured(
         plans, lambda s: measure_shape(plans[s], flow, workload, elastic.dir, quant=quant, threads=threads,
-                                       **measure_kwargs),
+                                       target=target, **measure_kwargs),
         target=target, flow=flow, model=model, strategy=strategy_fingerprint(strategy_dir), workload=workload,
         n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint,
     )

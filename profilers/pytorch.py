@@ -30,6 +30,7 @@ from .timing import Timing, environment, measure, pinned_threads, profile_record
 from .workload import Workload
 
 FLOW = "pytorch"
+DEVICES = ("cpu", "cuda")  # --target host times the CPU; a GPU target (on the device) times CUDA
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -73,6 +73,18 @@ def validation_figures(predicted: list[float], measured: list[float]) -> dict:
             "within_10pct": float((err <= 0.10).mean()) if len(err) else None}
 
 
+def profile_command(target: dict, flow: str, fmt: str | None = None, workload: Workload | None = None) -> str:
+    """The one command that measures this table (run on the device for a named target)."""
+    cmd = f"amoeba-export profile --target {target['name']} --flow {flow}"
+    if fmt:
+        cmd += f" --dtype {fmt}"
+    default = Workload()
+    for name in ("batch", "prompt_len", "gen_len", "metric"):
+        if workload is not None and getattr(workload, name) != getattr(default, name):
+            cmd += f" --{name.replace('_', '-')} {getattr(workload, name)}"
+    return cmd
+
+
 def strategy_fingerprint(strategy_dir: Path | None) -> str | None:
     """The strategy's fingerprint (as the accuracy table records it), None without a strategy."""
     from amoeba_export.score import strategy_fingerprint as fingerprint
@@ -209,7 +221,7 @@ def build_estimated(plans: dict[Shape, object], *, target: dict, flow: str, mode
     return LatencyTable(
         target=target["name"], flow=flow, model=model, strategy=strategy, workload=workload.to_json(), source="estimated",
         entries=entries, component={"roofline": detail},
-        validation={"note": f"estimated, not measured: run `amoeba-export profile --target {target['name']} --flow {flow}` on the device"},
+        validation={"note": f"estimated, not measured: run `{profile_command(target, flow, fmt, workload)}` on the device"},
         provenance=_provenance(target, {}),
     )
 

@@ -396,3 +396,28 @@ def profile_record(path, workload, timings: dict, env: dict, runtime: dict, meas
         "runtime": runtime,
         "measure": {k: v for k, v in measure_kwargs.items() if isinstance(v, (int, float, str, bool))},
     }
+
+
+def time_requests(run: Callable[[int], object], workload, metrics: tuple[str, ...], **measure_kwargs) -> dict[str, Timing]:
+    """Timings for runtimes that only run whole requests (TensorRT-LLM's and MLC-LLM's engines):
+    `run(n)` serves one request of the workload's prompt that generates exactly `n` tokens.
+
+    TTFT is a request for one token; E2E a request for `gen_len`; TPOT is derived from both, each
+    E2E sample less the TTFT median, over `gen_len - 1` steps: the mean decode step over a cache
+    growing from `prompt_len` to `prompt_len + gen_len` (the CPU profilers time one step at exactly
+    `prompt_len`; the record says which). Both are measured whenever TPOT is asked for.
+    """
+    want = set(metrics)
+    if "tpot" in want and workload.gen_len < 2:
+        raise UserError("TPOT from whole requests needs --gen-len of at least 2")
+    out: dict[str, Timing] = {}
+    if want & {"ttft", "tpot"}:
+        out["ttft"] = measure(lambda: run(1), **measure_kwargs)
+    if want & {"e2e", "tpot"}:
+        out["e2e"] = measure(lambda: run(workload.gen_len), **measure_kwargs)
+    if "tpot" in want:
+        e2e, ttft = out["e2e"], out["ttft"]
+        steps = [(s - ttft.median) / (workload.gen_len - 1) for s in e2e.samples]
+        out["tpot"] = Timing.from_samples(steps, stop_reason=e2e.stop_reason, warmup=e2e.warmup,
+                                          timer=f"derived: (e2e sample - ttft median) / {workload.gen_len - 1}")
+    return {m: out[m] for m in metrics}

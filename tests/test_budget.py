@@ -4,20 +4,13 @@ import json
 import pytest
 
 import tiny
-from amoeba_export.score import AccuracyTable, EvalConfig, default_path, strategy_fingerprint
 
 
 @pytest.fixture()
 def setup(tiny_gqa, tmp_path, monkeypatch):
     monkeypatch.setenv("AMOEBA_EXPORT_TABLES", str(tmp_path / "tables"))
     sdir = tmp_path / "strategy"
-    strategy = tiny.random_strategy(tiny_gqa, seed=2)
-    strategy.save(sdir)
-    # a monotone accuracy table: more layers and width score better
-    entries = {s: {"ppl": 100.0 / (s.depth * s.width), "mc": {}, "mc_mean_acc": None} for s in strategy.space}
-    AccuracyTable(model={"name": strategy.model["name"], "fingerprint": strategy.model["fingerprint"]},
-                  strategy_fingerprint=strategy_fingerprint(sdir), eval=EvalConfig().to_json(), entries=entries
-                  ).save(default_path(sdir))
+    tiny.strategy_with_accuracy(tiny_gqa, sdir, seed=2)
     return tiny_gqa, sdir, tmp_path
 
 

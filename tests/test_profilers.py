@@ -342,3 +342,34 @@ def test_profiler_user_errors(exported, models, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             prof.load_artifact(exported["uniform"], device="cuda")
+
+
+def test_time_requests_derives_tpot_from_whole_requests():
+    """Engines that only serve whole requests: TTFT = a one-token request, TPOT = (E2E - TTFT) / (gen_len - 1)."""
+    from profilers.timing import time_requests
+
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def run(n):  # 100 ms prefill, 10 ms per further token
+        now[0] += 0.1 + 0.01 * (n - 1)
+
+    wl = Workload(1, 8, 5, "tpot")
+    t = time_requests(run, wl, ("ttft", "tpot", "e2e"), clock=clock, warmup=0, min_repeats=3)
+    assert t["ttft"].median == pytest.approx(0.1) and t["e2e"].median == pytest.approx(0.14)
+    assert t["tpot"].median == pytest.approx(0.01) and t["tpot"].timer.startswith("derived")
+    assert list(time_requests(run, wl, ("tpot",), clock=clock, warmup=0)) == ["tpot"]
+    with pytest.raises(UserError, match="gen-len of at least 2"):
+        time_requests(run, Workload(1, 8, 1, "tpot"), ("tpot",), clock=clock)
+
+
+def test_device_profilers_refuse_where_they_cannot_run():
+    from profilers.profile import cannot_measure
+    from targets import load_target
+
+    assert cannot_measure(load_target("host"), "pytorch") is None
+    assert "times a GPU" in cannot_measure(load_target("host"), "mlc")
+    assert "not the a5000's GPU" in cannot_measure(load_target("a5000"), "gguf")
+    assert "no visible GPU" in cannot_measure(load_target("jetson-orin"), "mlc")

@@ -76,6 +76,20 @@ def random_strategy(model_dir: Path, widths=(1.0, 0.75, 0.5), seed=0, min_depth=
     return Strategy(model=info, depths=depths, widths=plans, meta={"source": "random (tests)"})
 
 
+def strategy_with_accuracy(model_dir: Path, sdir: Path, seed: int = 0) -> Strategy:
+    """Save a random strategy into `sdir` with a monotone accuracy table beside it (more layers and
+    width score better), so a budgeted compile searches without scoring."""
+    from amoeba_export.score import AccuracyTable, EvalConfig, default_path, strategy_fingerprint
+
+    strategy = random_strategy(model_dir, seed=seed)
+    strategy.save(sdir)
+    entries = {s: {"ppl": 100.0 / (s.depth * s.width), "mc": {}, "mc_mean_acc": None} for s in strategy.space}
+    AccuracyTable(model={"name": strategy.model["name"], "fingerprint": strategy.model["fingerprint"]},
+                  strategy_fingerprint=strategy_fingerprint(sdir), eval=EvalConfig().to_json(), entries=entries
+                  ).save(default_path(sdir))
+    return strategy
+
+
 def run_cli(capsys, *args):
     """Run the CLI in-process: (exit code, stdout, stderr)."""
     import pytest
