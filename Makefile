@@ -9,7 +9,7 @@ LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/amoeba-export/wheels
 LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable
 
-.PHONY: setup demo test test-fast calibrate clean
+.PHONY: setup demo test test-fast matrix calibrate clean
 
 $(LLAMA_STAMP):
 	mkdir -p $(WHEELS)
@@ -38,6 +38,10 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+# A small artifact matrix (host llama.cpp, export-only Jetson Orin MLC and A5000 TensorRT-LLM) into dist/ci.
+matrix: setup
+	$(BIN)/amoeba-export matrix targets/matrices/ci.toml
 
 # Regenerates the shipped strategy of the default model (about 30 minutes on 2 CPU cores).
 calibrate: setup
