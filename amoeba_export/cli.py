@@ -1,6 +1,7 @@
 """amoeba-export: compile an elastic LLM into a deployable artifact for a device and flow.
 
-    amoeba-export --target host --flow pytorch --shape 24x0.75 --out DIR
+    amoeba-export --target host --flow pytorch --shape 24x0.75 --out DIR [--adapter DIR]
+    amoeba-export import-checkpoint checkpoint-N --strategy-npy dp_selection_strategy.npy --model PATH --out DIR
     amoeba-export calibrate [--model PATH]
     amoeba-export shapes [--model PATH]
 
@@ -22,6 +23,9 @@ MODEL = click.option("--model", "model", default=None, metavar="PATH",
 STRATEGY = click.option("--strategy", "strategy_dir", default=None, metavar="DIR",
                         help="Strategy directory (default: the model's calibrated or shipped strategy).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+ADAPTER = click.option("--adapter", "adapter_path", default=None, metavar="DIR",
+                       help="Fine-tuned adapter merged before slicing: an amoeba-export SMOL directory, a PEFT LoRA "
+                       "directory, or an upstream AmoebaLLM checkpoint (checkpoint-N/adapter_model).")
 
 
 def table(rows: list[dict], cols: list[str]) -> str:
@@ -38,17 +42,29 @@ def parity_lines(p: dict, note) -> None:
         note(p["warning"])
 
 
+def adapter_line(rec: dict) -> str:
+    if rec.get("kind") == "smol":
+        gate = ", ".join(f"{e}: {rec['gate'][e]:.3f}" for e in rec["experts"])
+        return f"adapter: SMOL, deterministic gate over experts {{{gate}}} of {rec['n_experts']}, merged (scale {rec['scale']:g})"
+    return f"adapter: {rec.get('kind')} ({rec.get('projections')} projections) merged"
+
+
 def engine_line(e: dict) -> str:
     return f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else "")
 
 
-def load_elastic(model, strategy_dir):
+def load_elastic(model, strategy_dir, adapter_path=None):
+    """The ElasticModel with its strategy and, when given, the adapter (checked against the model)."""
     from .elastic import ElasticModel
     from .strategy import Strategy, locate
 
     elastic = ElasticModel(model)
     sdir = locate(elastic.info, strategy_dir)
     elastic.use_strategy(Strategy.load(sdir))
+    if adapter_path is not None:
+        from .adapter import load_adapter
+
+        elastic.adapter = load_adapter(adapter_path, elastic.info)
     return elastic, sdir
 
 
@@ -95,10 +111,11 @@ def artifact_options(f):
 @workload_options
 @MODEL
 @STRATEGY
+@ADAPTER
 @JSON
 @click.pass_context
 def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, strict, no_build, threads, dry_run, no_verify,
-        metric, batch, prompt_len, gen_len, model, strategy_dir, as_json):
+        metric, batch, prompt_len, gen_len, model, strategy_dir, adapter_path, as_json):
     """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device, inference flow and budget."""
     if ctx.invoked_subcommand is not None:
         return
@@ -109,6 +126,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         raise UserError(f"missing {', '.join(missing)}: e.g. amoeba-export --target host --flow pytorch --budget 30ms")
     from targets import load_target
 
+    from .adapter import resolve_adapter_dir
     from .exporters import get_exporter
     from .search import parse_bytes, parse_time
 
@@ -117,7 +135,8 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     memory_budget = parse_bytes(memory) if memory is not None else None
     tgt = load_target(target)
     get_exporter(flow)
-    elastic, sdir = load_elastic(model, strategy_dir)
+    elastic, sdir = load_elastic(model, strategy_dir, adapter_path)
+    adapter_dir = resolve_adapter_dir(adapter_path) if adapter_path is not None else None  # what the manifest hashes
     if shape is None:
         from profilers.workload import Workload
 
@@ -128,7 +147,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         note = (lambda m: click.echo(f"note: {m}", err=True))
         summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=dtype,
                                  threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir,
-                                 layout=layout, strict=strict, build=not no_build, notice=note)
+                                 adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build, notice=note)
         if as_json:
             click.echo(json.dumps(summary, indent=2, sort_keys=True))
             return
@@ -159,12 +178,12 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     from profilers.workload import Workload
 
     res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir,
-                        layout=layout, strict=strict, build=not no_build,
+                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build,
                         workload=Workload(batch, prompt_len, gen_len, metric))
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
-               "engine": m["engine"]}
+               "engine": m["engine"], "adapter": m["materialize"].get("adapter")}
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
@@ -176,6 +195,9 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
     }], ["target", "flow", "shape", "params", "dtype", "layout", "max|Δlogit|", "greedy agree"]))
     click.echo(f"legalize: {'; '.join(m['legalize']['changes'])}")
+    rec = m["materialize"].get("adapter")
+    if rec:
+        click.echo(adapter_line(rec))
     if p.get("warning"):
         click.echo(f"note: {p['warning']}", err=True)
     if m["engine"]:
@@ -296,21 +318,24 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
 @cli.command()
 @MODEL
 @STRATEGY
+@ADAPTER
 @click.option("--heldout", default=None, help="Held-out text: boolq (default), lambada, squad, or a .txt/.jsonl file.")
 @click.option("--windows", type=int, default=None, help="Perplexity windows (default: EvalConfig's, 8).")
 @click.option("--seq-len", type=int, default=None, help="Tokens per window (default 512).")
 @click.option("--tasks", default=None, help="Multiple-choice tasks, comma-separated, '' for none (default arc_easy,piqa).")
 @click.option("--mc-limit", type=int, default=None, help="Items per task (default 50).")
 @click.option("--seed", type=int, default=None)
-def score(model, strategy_dir, heldout, windows, seq_len, tasks, mc_limit, seed):
-    """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy."""
+def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, mc_limit, seed):
+    """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy
+    (one table per adapter: its fingerprint is in the file name)."""
+    from .adapter import adapter_fingerprint, resolve_adapter_dir
     from .score import EvalConfig, default_path, score_shapes
 
     given = {"heldout": heldout, "ppl_windows": windows, "seq_len": seq_len, "mc_limit": mc_limit, "seed": seed,
              "mc_tasks": None if tasks is None else tuple(t for t in tasks.split(",") if t)}
     cfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    elastic, sdir = load_elastic(model, strategy_dir)
-    out = default_path(sdir, cfg)
+    elastic, sdir = load_elastic(model, strategy_dir, adapter_path)
+    out = default_path(sdir, cfg, adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None)
     t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
     click.echo(table([{"shape": str(s), "ppl": f"{e['ppl']:.2f}",
                        "mc acc": f"{e['mc_mean_acc']:.3f}" if e["mc_mean_acc"] is not None else "-",
@@ -333,6 +358,35 @@ def import_strategy(npy, model, out, width_choice):
     s = import_dp_strategy(npy, info, [parse_width(w) for w in width_choice.split(",")])
     s.save(Path(out))
     click.echo(f"wrote strategy {out}: {len(s.depths)} depths, {len(s.widths)} widths")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--strategy-npy", "npy", required=True, metavar="FILE", help="The upstream dp_selection_strategy.npy.")
+@MODEL
+@click.option("--out", required=True, metavar="DIR", help="Writes DIR/strategy and DIR/adapter.")
+@click.option("--width-choice", default=None, metavar="LIST",
+              help="The router's widths in one-hot order (default: the checkpoint's adapter_config.json).")
+def import_checkpoint(checkpoint, npy, model, out, width_choice):
+    """Import a released AmoebaLLM checkpoint (checkpoint-N/adapter_model) and its strategy."""
+    from .base_model import model_info, resolve_model
+    from .io import atomic_dir
+    from .upstream import import_checkpoint as run_import
+
+    info = model_info(resolve_model(model))
+    choice = [parse_width(w) for w in width_choice.split(",")] if width_choice else None
+    strategy, smol = run_import(checkpoint, npy, info, choice)
+    with atomic_dir(Path(out)) as tmp:
+        strategy.save(tmp / "strategy")
+        smol.save(tmp / "adapter")
+    click.echo(f"wrote {out}/strategy ({len(strategy.depths)} depths, {len(strategy.widths)} widths) and {out}/adapter "
+               f"(SMOL: {smol.n_experts} experts, top-{smol.top_k}, rank {smol.r}, scale {smol.scale:g}, "
+               f"{len(smol.experts)} projections)")
+    if strategy.meta.get("dropped_widths"):
+        click.echo(f"note: dropped strategy widths {', '.join(strategy.meta['dropped_widths'])}: the router has no input "
+                   "for them", err=True)
+    click.echo(f"export a shape with: amoeba-export --target host --flow pytorch --shape "
+               f"{strategy.space.largest} --model {model or '(default)'} --strategy {out}/strategy --adapter {out}/adapter")
 
 
 @cli.command()

@@ -70,6 +70,7 @@ class ElasticModel:
         self.config = read_json(self.dir / "config.json")
         self.info = model_info(self.dir)
         self.strategy = None
+        self._adapter = None
         if strategy is not None:
             self.use_strategy(strategy)
         self.adapter = adapter
@@ -81,6 +82,22 @@ class ElasticModel:
         """Attach a strategy after checking it was made for this model."""
         strategy.check_model(self.info)
         self.strategy = strategy
+        if self._adapter is not None:
+            self._adapter.bind(strategy)
+
+    @property
+    def adapter(self) -> Adapter | None:
+        return self._adapter
+
+    @adapter.setter
+    def adapter(self, adapter: Adapter | None) -> None:
+        """Attach an adapter after checking its sizes against this model, and tell it what the
+        strategy's shapes mean (SMOL's router reads the kept layers of a depth)."""
+        if adapter is not None:
+            adapter.check_model(self.info)
+            if self.strategy is not None:
+                adapter.bind(self.strategy)
+        self._adapter = adapter
 
     # ------------------------------------------------------------- the model
     @property

@@ -142,12 +142,14 @@ def _st_dtype(dtype) -> str:
     return _ST_DTYPES[str(dtype).removeprefix("torch.")]
 
 
-def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_bytes: int = 4 << 30) -> list[str]:
+def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_bytes: int = 4 << 30,
+                             stem: str = "model") -> list[str]:
     """Write tensors to safetensors shards as they stream in, never holding more than one.
 
     `specs` lists (name, shape) in the order `tensors` yields them, so every header can be written
     before any data. One file `model.safetensors` when it fits in `max_shard_bytes`, else HF-style
-    shards plus `model.safetensors.index.json`. Returns the file names written.
+    shards plus `model.safetensors.index.json` (`stem` replaces "model" in every name). Returns the
+    file names written.
     """
     import torch
 
@@ -161,8 +163,8 @@ def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_b
         current.append((name, tuple(shape), n))
         size += n
     shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
+    names = [f"{stem}.safetensors"] if len(shards) == 1 else [
+        f"{stem}-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
     ]
     stream = iter(tensors)
     weight_map, total = {}, 0
@@ -188,5 +190,5 @@ def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_b
                     f.write(flat.view(torch.uint8).numpy().data)
         total += offset
     if len(names) > 1:
-        write_json(Path(directory) / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names + (["model.safetensors.index.json"] if len(names) > 1 else [])
+        write_json(Path(directory) / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names + ([f"{stem}.safetensors.index.json"] if len(names) > 1 else [])

@@ -238,13 +238,19 @@ def table_threads(table) -> int | None:
     return counts.pop() if len(counts) == 1 else None
 
 
-def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[str], None]):
+def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[str], None],
+                   adapter_dir: Path | None = None):
+    """The accuracy table of the strategy (and adapter: an adapter changes accuracy, so its tables
+    are kept apart, keyed by the adapter's fingerprint in the file name)."""
+    from .adapter import adapter_fingerprint
     from .score import AccuracyTable, EvalConfig, default_path, score_shapes, strategy_fingerprint
 
-    path = default_path(strategy_dir)
+    afp = adapter_fingerprint(adapter_dir) if adapter_dir is not None else None
+    path = default_path(strategy_dir, adapter=afp)
+    ours = (lambda p: p.name.endswith(f"-adapter-{afp}.json")) if afp else (lambda p: "-adapter-" not in p.name)  # noqa: E731
     # The default eval set's table, else any complete table beside the strategy (e.g. a shipped one
     # scored on a smaller eval set), else score now.
-    for candidate in [path] + sorted(p for p in Path(strategy_dir).glob("accuracy-*.json") if p != path):
+    for candidate in [path] + sorted(p for p in Path(strategy_dir).glob("accuracy-*.json") if p != path and ours(p)):
         if candidate.is_file():
             table = AccuracyTable.load(candidate, elastic.info["fingerprint"], strategy_fingerprint(strategy_dir))
             if set(table.entries) >= set(elastic.strategy.space):
@@ -256,7 +262,7 @@ def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[
 def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, budget_s: float, out: Path | None, *,
                    memory_budget: int | None = None, dtype: str | None = None, threads: int | None = None,
                    dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
-                   layout: str = "auto", strict: bool = False, build: bool = True,
+                   adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
                    notice: Callable[[str], None] = print) -> dict:
     """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
     from profilers.profile import cannot_measure, time_artifact
@@ -265,7 +271,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
     from .search import plot_pareto, search
 
     plans = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)  # user errors first
-    acc = accuracy_table(elastic, strategy_dir, notice)
+    acc = accuracy_table(elastic, strategy_dir, notice, adapter_dir)
     table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice)
     latency = table.as_mapping()
     mem = {s: memory_bytes(d, workload, plans.quant) for s, d in plans.shapes.items()} if memory_budget else None
@@ -302,7 +308,8 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         body["search"] = result.as_dict()
 
     res = compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
-                        layout=layout, strict=strict, build=build, workload=workload, before_manifest=finish)
+                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=build, workload=workload,
+                        before_manifest=finish)
     summary["out"] = str(out)
     summary["legalize"] = res.manifest["legalize"]
     summary["engine"] = res.manifest["engine"]

@@ -107,9 +107,11 @@ def strategy_fingerprint(strategy_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def default_path(strategy_dir: Path, cfg: EvalConfig | None = None) -> Path:
-    """Where a strategy's table lives: beside it, one file per eval set."""
-    return Path(strategy_dir) / f"accuracy-{(cfg or EvalConfig()).key()}.json"
+def default_path(strategy_dir: Path, cfg: EvalConfig | None = None, adapter: str | None = None) -> Path:
+    """Where a strategy's table lives: beside it, one file per eval set (and per adapter
+    fingerprint: an adapter changes every shape's accuracy)."""
+    suffix = f"-adapter-{adapter}" if adapter else ""
+    return Path(strategy_dir) / f"accuracy-{(cfg or EvalConfig()).key()}{suffix}.json"
 
 
 @dataclass

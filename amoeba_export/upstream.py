@@ -1,4 +1,5 @@
-"""Import the upstream AmoebaLLM selection strategy (`dp_selection_strategy.npy`).
+"""Import upstream AmoebaLLM files: the selection strategy (`dp_selection_strategy.npy`) and the
+released fine-tuned checkpoint (`checkpoint-N/adapter_model/`, method.md §10).
 
 The upstream file is a 0-d numpy object array holding a pickled dict (method.md section 4):
 
@@ -18,6 +19,10 @@ mask bit is 1 (depth L, all layers, is added as upstream does at load time), and
 becomes per-layer query-head masks, MLP-channel masks and the FLAP compensation biases of o_proj
 and down_proj. Stored masks are kept exactly, even at ratio 1 (pitfall 3: FLAP drops one unit
 there); ratio keys are snapped onto the exact width_choice values (pitfall 7).
+
+`import_adapter` reads the checkpoint's mixture of LoRAs into a `SMOL` (safetensors only; sizes
+from the tensors, the router's input width included), and `import_checkpoint` pairs it with the
+strategy, snapping the strategy's width keys onto the adapter's own width_choice.
 """
 from __future__ import annotations
 
@@ -27,12 +32,15 @@ import io
 import math
 import pickle
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from numpy.lib import format as npy_format
+from safetensors import safe_open
 
 from .errors import UserError
+from .io import read_json, safetensors_header
 from .shapes import format_width
 from .strategy import MODEL_KEYS, LayerWidth, Strategy, full_width
 
@@ -360,3 +368,178 @@ def import_dp_strategy(npy_path, model: dict, width_choice: list[float] | None =
     strategy = Strategy(model=dict(model), depths=dict(sorted(depths.items())), widths=widths, meta=meta)
     strategy.validate()
     return strategy
+
+
+# --------------------------------------------------------------------------- the released checkpoint
+
+CHECKPOINT_SOURCE = "upstream AmoebaLLM checkpoint"
+_ROUTER_NAMES = {  # our SMOL router tensor -> the upstream name (method.md §10)
+    "w1": "base_model.lora_sparsemoe.router.topkroute_linear.0.weight",
+    "b1": "base_model.lora_sparsemoe.router.topkroute_linear.0.bias",
+    "w2": "base_model.lora_sparsemoe.router.topkroute_linear.1.weight",
+    "b2": "base_model.lora_sparsemoe.router.topkroute_linear.1.bias",
+    "noise_w": "base_model.lora_sparsemoe.router.noise_linear.weight",
+    "noise_b": "base_model.lora_sparsemoe.router.noise_linear.bias",
+}
+_EXPERT_RE = re.compile(
+    r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    r"\.lora_([AB])\.(\d+)\.weight"
+)
+# Frozen embeddings PEFT saves beside the adapter when the vocabulary was resized (the [PAD] row
+# that makes LLaMA2's 32000 tokens 32001, pitfall 8). They are not trained, so nothing is lost
+# by keeping the base model's own embeddings, which also drops the [PAD] row.
+_EMBED_RE = re.compile(r"base_model\.model\.(?:model\.embed_tokens|lm_head)\.weight")
+
+
+def locate_adapter_dir(path) -> Path:
+    """The directory holding adapter_config.json: `path/adapter_model` (upstream's checkpoint-N
+    layout, preferred over a Trainer copy at the checkpoint root), `path` itself, or those of the
+    newest `checkpoint-N` inside `path` (what upstream's get_last_checkpoint picks)."""
+    path = Path(path)
+    for candidate in (path / "adapter_model", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    if checkpoints:
+        newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+        for candidate in (newest / "adapter_model", newest):
+            if (candidate / "adapter_config.json").is_file():
+                return candidate
+        raise UserError(f"{newest} has no adapter_config.json (looked in {newest.name}/adapter_model and {newest.name})")
+    raise UserError(f"{path} holds no adapter: expected adapter.json (amoeba-export SMOL), adapter_config.json "
+                    "(PEFT LoRA), or checkpoint-N/adapter_model/ (upstream AmoebaLLM)")
+
+
+def parse_width_choice(value, where: str) -> list[float]:
+    """Upstream stores width_choice as a Python expression string, e.g. "[1,7/8,3/4,5/8]", and
+    `eval`s it; here each item is read as an exact fraction (no eval), in the stored order, which is
+    the router's one-hot order. 7/8 as a Fraction rounds to the same double as Python's 7/8."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[(" and text[-1:] in "])":
+            text = text[1:-1]
+        items = [t.strip() for t in text.split(",") if t.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise UserError(f"{where}: width_choice {value!r} is not a list of widths")
+    try:
+        widths = [float(Fraction(str(v))) for v in items]
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"{where}: width_choice {value!r} is not a list of numbers such as [1,7/8,3/4,5/8]") from None
+    if not widths or any(not 0 < w <= 1 for w in widths):
+        raise UserError(f"{where}: width_choice {value!r} must list widths in (0, 1]")
+    return widths
+
+
+def import_adapter(directory, model: dict, width_choice: list[float] | None = None):
+    """The upstream mixture-of-LoRA adapter (adapter_config.json + adapter_model.safetensors with the
+    tensor names of method.md §10) as a SMOL, for the base model `model`.
+
+    Sizes come from the tensors: the expert count from the expert indices and the router, the rank
+    from lora_A, and the router's input width from topkroute_linear.0.weight. That width minus the
+    model's layers is the number of widths the router was trained with; the config's width_choice
+    (or `width_choice`, when given) must list exactly that many, in one-hot order. r and lora_alpha
+    come from the config. Expert tensors stay in the file and are read one projection at a time.
+    """
+    from .smol import SMOL, ExpertFile
+
+    directory = locate_adapter_dir(directory)
+    cfg_path = directory / "adapter_config.json"
+    cfg = read_json(cfg_path)
+    if not cfg.get("use_moe_lora"):
+        raise UserError(f"{cfg_path} is not an AmoebaLLM mixture-of-LoRA adapter (no use_moe_lora): pass it as a PEFT LoRA")
+    for key, what in (("use_dora", "DoRA"), ("moe_lora_v2", "moe_lora_v2"), ("rank_pattern", "rank_pattern"),
+                      ("alpha_pattern", "alpha_pattern"), ("modules_to_save", "modules_to_save")):
+        if cfg.get(key):
+            raise UserError(f"{cfg_path}: {what} is not part of the released AmoebaLLM format and is not supported")
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file() and (directory / "adapter_model.bin").is_file():
+        raise UserError(f"{directory} holds a pickled adapter_model.bin, which is never loaded: convert it to safetensors")
+    header = safetensors_header(weights)
+    L, hidden = int(model["n_layers"]), int(model["hidden_size"])
+
+    names: dict[tuple[int, str], dict[str, dict[int, str]]] = {}
+    ignored = []
+    router_names = set(_ROUTER_NAMES.values())
+    for name, spec in header.items():
+        if name == "__metadata__" or name in router_names:
+            continue
+        m = _EXPERT_RE.fullmatch(name)
+        if m is not None:
+            layer, block, proj, ab, e = int(m.group(1)), m.group(2), m.group(3), m.group(4), int(m.group(5))
+            if (block == "self_attn") != (proj in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                raise UserError(f"{weights}: tensor {name} puts {proj} under {block}")
+            names.setdefault((layer, proj), {"A": {}, "B": {}})[ab][e] = name
+        elif _EMBED_RE.fullmatch(name):
+            if len(spec["shape"]) != 2 or spec["shape"][1] != hidden:
+                raise UserError(f"{weights}: tensor {name} has shape {spec['shape']}, not [vocab, {hidden}]")
+            ignored.append(name)
+        else:
+            raise UserError(f"{weights}: unexpected tensor {name} (not a LoRA expert, the router, or frozen embeddings)")
+    missing = [n for n in _ROUTER_NAMES.values() if n not in header]
+    if missing:
+        raise UserError(f"{weights} has no {missing[0]}: not an AmoebaLLM checkpoint with the global router")
+    if not names:
+        raise UserError(f"{weights} holds no LoRA experts")
+    with safe_open(str(weights), framework="pt") as f:
+        router = {k: f.get_tensor(n).float() for k, n in _ROUTER_NAMES.items()}
+
+    n_in, E = int(router["w1"].shape[1]), int(router["w2"].shape[0])
+    n_widths = n_in - L
+    if width_choice is None:
+        if "width_choice" not in cfg:
+            raise UserError(f"{cfg_path} has no width_choice: pass --width-choice with the router's {n_widths} widths in order")
+        width_choice = parse_width_choice(cfg["width_choice"], str(cfg_path))
+    if n_widths < 1:
+        raise UserError(f"the router takes {n_in} inputs ({_ROUTER_NAMES['w1']}), too few for this {L}-layer model: "
+                        "the checkpoint was trained on another base model")
+    if len(width_choice) != n_widths:
+        raise UserError(f"the router takes {n_in} inputs ({_ROUTER_NAMES['w1']}): {L} layers + {n_widths} widths, but "
+                        f"width_choice lists {len(width_choice)} ({', '.join(map(format_width, width_choice))}); pass "
+                        f"--width-choice with the {n_widths} trained widths in their one-hot order")
+    if cfg.get("num_experts") is not None and int(cfg["num_experts"]) != E:
+        raise UserError(f"{cfg_path} says num_experts={cfg['num_experts']}, but the router scores {E} experts")
+    entries = {}
+    for (layer, proj), ab in sorted(names.items()):
+        for part in "AB":
+            if sorted(ab[part]) != list(range(E)):
+                raise UserError(f"{weights}: layer {layer} {proj} has lora_{part} experts {sorted(ab[part])}, expected 0..{E - 1}")
+        entries[(layer, proj)] = ([ab["A"][e] for e in range(E)], [ab["B"][e] for e in range(E)])
+    experts = ExpertFile(weights, entries, stacked=False)
+    r = int(experts.shapes(next(iter(entries)))[0][1])
+    if cfg.get("r") is not None and int(cfg["r"]) != r:
+        raise UserError(f"{cfg_path} says r={cfg['r']}, but the lora_A tensors have rank {r}")
+    if "top_k" not in cfg or "lora_alpha" not in cfg:
+        raise UserError(f"{cfg_path} lacks {'top_k' if 'top_k' not in cfg else 'lora_alpha'}")
+    alpha = float(cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    kept = ("r", "lora_alpha", "num_experts", "top_k", "width_choice", "use_rslora", "target_modules", "base_model_name_or_path")
+    smol = SMOL(r=r, alpha=alpha, scale=scale, top_k=int(cfg["top_k"]), n_layers=L, width_choice=list(width_choice),
+                router=router, experts=experts, model={k: model[k] for k in MODEL_KEYS},
+                meta={"source": CHECKPOINT_SOURCE, "path": str(directory),
+                      "config": {k: cfg[k] for k in kept if k in cfg}, "ignored_tensors": sorted(ignored)})
+    smol.check_model(model)
+    return smol
+
+
+def import_checkpoint(checkpoint_dir, npy_path, model: dict, width_choice: list[float] | None = None):
+    """(Strategy, SMOL) from a released AmoebaLLM checkpoint and its dp_selection_strategy.npy.
+
+    The strategy's width keys are snapped onto the adapter's own width_choice (pitfall 7), so the
+    masks and the router's one-hot agree exactly. Widths the router has no input for are dropped
+    from the strategy, and listed in its meta, since no gate exists for them.
+    """
+    smol = import_adapter(checkpoint_dir, model, width_choice)
+    strategy = import_dp_strategy(npy_path, model, smol.width_choice)
+    trained = lambda w: any(abs(w - c) <= SNAP_TOLERANCE for c in smol.width_choice)  # noqa: E731
+    dropped = sorted((w for w in strategy.widths if not trained(w)), reverse=True)
+    if len(dropped) == len(strategy.widths):
+        raise UserError(f"none of the strategy's widths ({', '.join(map(format_width, dropped))}) is among the adapter's "
+                        f"width_choice ({', '.join(map(format_width, smol.width_choice))})")
+    strategy.widths = {w: v for w, v in strategy.widths.items() if trained(w)}
+    strategy.meta["adapter"] = {"source": CHECKPOINT_SOURCE, "path": smol.meta["path"], "width_choice": smol.width_choice}
+    if dropped:
+        strategy.meta["dropped_widths"] = [format_width(w) for w in dropped]
+    smol.bind(strategy)
+    return strategy, smol
