@@ -34,7 +34,12 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r.get(c, "") for c in cols) for r in rows])
 
 
-def parity_lines(p: dict, note) -> None:
+def note(message: str) -> None:
+    """A notice on stderr (stdout stays the command's result)."""
+    click.echo(f"note: {message}", err=True)
+
+
+def parity_lines(p: dict) -> None:
     limit = f" (limit {p['tolerance']:g})" if p.get("tolerance") is not None else ""
     click.echo(f"parity against the masked reference: max |Δlogit| {p['max_abs_logit_diff']:.2e}{limit}, "
                f"greedy agreement {p['greedy_token_agreement']:.0%} on {p['prompt_tokens']} tokens")
@@ -137,14 +142,13 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     get_exporter(flow)
     elastic, sdir = load_elastic(model, strategy_dir, adapter_path)
     adapter_dir = resolve_adapter_dir(adapter_path) if adapter_path is not None else None  # what the manifest hashes
-    if shape is None:
-        from profilers.workload import Workload
+    from profilers.workload import Workload
 
+    wl = Workload(batch, prompt_len, gen_len, metric)
+    if shape is None:
         from .pipeline import compile_budget
         from .search import format_time
 
-        wl = Workload(batch, prompt_len, gen_len, metric)
-        note = (lambda m: click.echo(f"note: {m}", err=True))
         summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=dtype,
                                  threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir,
                                  adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build, notice=note)
@@ -164,7 +168,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
         if summary.get("legalize"):
             click.echo(f"legalize ({summary['legalize']['layout']}): {'; '.join(summary['legalize']['changes'])}")
         if summary.get("parity"):
-            parity_lines(summary["parity"], note)
+            parity_lines(summary["parity"])
         if summary.get("engine"):
             click.echo(engine_line(summary["engine"]))
         click.echo("dry run: nothing written" if dry_run else f"wrote {summary['out']} (manifest.json, pareto.png)")
@@ -175,11 +179,8 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     from .pipeline import compile_shape
 
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
-    from profilers.workload import Workload
-
     res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir,
-                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build,
-                        workload=Workload(batch, prompt_len, gen_len, metric))
+                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build, workload=wl)
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
@@ -199,7 +200,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     if rec:
         click.echo(adapter_line(rec))
     if p.get("warning"):
-        click.echo(f"note: {p['warning']}", err=True)
+        note(p["warning"])
     if m["engine"]:
         click.echo(engine_line(m["engine"]))
     click.echo(f"wrote {res.out} ({len(m['files'])} files + manifest.json)")
@@ -383,8 +384,7 @@ def import_checkpoint(checkpoint, npy, model, out, width_choice):
                f"(SMOL: {smol.n_experts} experts, top-{smol.top_k}, rank {smol.r}, scale {smol.scale:g}, "
                f"{len(smol.experts)} projections)")
     if strategy.meta.get("dropped_widths"):
-        click.echo(f"note: dropped strategy widths {', '.join(strategy.meta['dropped_widths'])}: the router has no input "
-                   "for them", err=True)
+        note(f"dropped strategy widths {', '.join(strategy.meta['dropped_widths'])}: the router has no input for them")
     click.echo(f"export a shape with: amoeba-export --target host --flow pytorch --shape "
                f"{strategy.space.largest} --model {model or '(default)'} --strategy {out}/strategy --adapter {out}/adapter")
 
@@ -416,7 +416,6 @@ def matrix(matrix_file, dist, runner, only, no_build, no_verify, model, strategy
         raise UserError(f"{matrix_file}: no rows{f' for runner {runner!r}' if runner else ''}")
     dist = Path(dist or file_dist or "dist")
     elastic, sdir = load_elastic(model, strategy_dir)
-    note = (lambda m: click.echo(f"note: {m}", err=True))
     results = mx.run(rows, dist, elastic, sdir, build=not no_build, check=not no_verify, notice=note)
     path = mx.write_summary(results, dist)
     if as_json:

@@ -28,6 +28,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from profilers.workload import Workload
+
 from .errors import UserError
 from .io import dumps_json, write_text_atomic
 from .shapes import Shape
@@ -48,7 +50,7 @@ class Row:
     memory: int | None = None
     dtype: str | None = None
     layout: str = "auto"
-    workload: dict = field(default_factory=dict)  # batch, prompt_len, gen_len, metric
+    workload: Workload = field(default_factory=Workload)
 
     def options(self) -> str:
         what = f"--shape {self.shape}" if self.shape else f"--budget {self.budget_s * 1e3:g}ms"
@@ -62,7 +64,6 @@ def load(path: Path) -> tuple[list[Row], str | None]:
     from .exporters import get_exporter
     from .legalize import LAYOUTS
     from .search import parse_bytes, parse_time
-    from profilers.workload import Workload
 
     path = Path(path)
     if not path.is_file():
@@ -104,7 +105,7 @@ def load(path: Path) -> tuple[list[Row], str | None]:
                 budget_s=parse_time(str(item["budget"]), "budget") if "budget" in item else None,
                 shape=Shape.parse(str(item["shape"])) if "shape" in item else None,
                 memory=parse_bytes(str(item["memory"]), "memory") if "memory" in item else None,
-                dtype=item.get("dtype"), layout=item.get("layout", "auto"), workload=wl.to_json(),
+                dtype=item.get("dtype"), layout=item.get("layout", "auto"), workload=wl,
             )
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
@@ -128,10 +129,6 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
     """Build every row into `dist/<name>`; one summary dict per row (with "error" where it failed)."""
     from targets import load_target
 
-    from profilers.workload import Workload
-
-    from .io import read_json
-    from .manifest import MANIFEST
     from .pipeline import compile_budget, compile_shape
 
     results = []
@@ -140,21 +137,21 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
         out = Path(dist) / row.name
         base = {"name": row.name, "target": row.target, "flow": row.flow, "runner": row.runner, "out": str(out),
                 "budget_s": row.budget_s, "shape": str(row.shape) if row.shape else None}
+        wl = row.workload
         try:
-            target, wl = load_target(row.target), Workload(**row.workload)
-            searched = {}
-            if row.shape is None:
-                searched = compile_budget(elastic, target, row.flow, wl, row.budget_s, out, memory_budget=row.memory,
-                                          dtype=row.dtype, check=check, strategy_dir=strategy_dir, layout=row.layout,
-                                          build=build, notice=notice)
+            target = load_target(row.target)
+            if row.shape is None:  # the search's summary carries what the row reports
+                m = searched = compile_budget(elastic, target, row.flow, wl, row.budget_s, out, memory_budget=row.memory,
+                                              dtype=row.dtype, check=check, strategy_dir=strategy_dir,
+                                              layout=row.layout, build=build, notice=notice)
             else:
-                compile_shape(elastic, row.shape, row.flow, target, out, dtype=row.dtype, check=check,
-                              strategy_dir=strategy_dir, layout=row.layout, build=build, workload=wl)
+                searched, m = {}, compile_shape(elastic, row.shape, row.flow, target, out, dtype=row.dtype, check=check,
+                                                strategy_dir=strategy_dir, layout=row.layout, build=build,
+                                                workload=wl).manifest
         except UserError as e:
             notice(f"{row.name}: error: {e}")
             results.append({**base, "error": str(e)})
             continue
-        m = read_json(out / MANIFEST)
         result = {**base, "shape": m["shape"], "dtype": m["dtype"], "parameters": m["parameters"], "metric": wl.metric,
                   "predicted_latency_s": searched.get("predicted_latency_s"),
                   "measured_latency_s": searched.get("measured_latency_s"), "table_source": searched.get("table_source"),
@@ -193,7 +190,6 @@ def markdown(results: list[dict]) -> str:
 
 
 def write_summary(results: list[dict], dist: Path) -> Path:
-    Path(dist).mkdir(parents=True, exist_ok=True)
     write_text_atomic(Path(dist) / "summary.json", dumps_json(results))
     path = Path(dist) / "summary.md"
     write_text_atomic(path, markdown(results))

@@ -21,7 +21,7 @@ from .materialize import DTYPES, DenseModel, materialize
 from .shapes import Shape
 
 VERIFY_TEXT = "The capital of France is Paris. Deployment engineers compile one elastic model for many devices."
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # verify's max |logit difference| by dtype
 
 
 @dataclass
@@ -81,15 +81,16 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
 
 
 def prepare(elastic: ElasticModel, shape: Shape, flow: str, target: dict, *, dtype: str | None = None,
-            layout: str = "auto", strict: bool = False):
-    """materialize → legalize, measuring what legalize changes: (DenseModel', LegalizeReport, quant)."""
+            layout: str = "auto", strict: bool = False, measure: bool = True):
+    """materialize → legalize: (DenseModel', LegalizeReport, quant). `measure`: measure the perplexity
+    change of what legalize alters (the compile does; planning every shape for the search does not)."""
     from .legalize import legalize
 
     caps = get_exporter(flow).CAPS
     dense_dtype, quant = split_dtype(dtype, target, flow, caps)
     dense = materialize(elastic, shape, dense_dtype)
     dense, report = legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict,
-                             perplexity=dense_perplexity(elastic))
+                             perplexity=dense_perplexity(elastic) if measure else None)
     return dense, report, quant
 
 
@@ -106,12 +107,9 @@ class Plans:
 def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | None = None, layout: str = "auto",
                 strict: bool = False) -> Plans:
     """Plan every shape for `flow` on `target`; what legalize would change is not measured here."""
-    from .legalize import legalize
-
-    caps = get_exporter(flow).CAPS
-    dense_dtype, quant = split_dtype(dtype, target, flow, caps)
-    shapes = {s: legalize(materialize(elastic, s, dense_dtype), caps, flow=flow, layout=layout, quant=quant,
-                          strict=strict)[0] for s in elastic.strategy.space}
+    dense_dtype, quant = split_dtype(dtype, target, flow, get_exporter(flow).CAPS)
+    shapes = {s: prepare(elastic, s, flow, target, dtype=dtype, layout=layout, strict=strict, measure=False)[0]
+              for s in elastic.strategy.space}
     fmt = quant or dense_dtype
     fmt = fmt if fmt != (default_format(target, flow) or "").lower() else None
     variant = "-".join(p for p in (fmt, layout if layout != "auto" else None) if p) or None
@@ -143,8 +141,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             # the reference is the elastic model the dense model came from (legalize may re-select)
             parity = verify(dense._elastic, shape, exporter.load(tmp))
             # a quantised artifact has no logit tolerance: its greedy-token agreement is the figure
-            limits = {str(k).removeprefix("torch."): v for k, v in TOLERANCE.items()} if quant is None else {}
-            limits.update(getattr(exporter, "TOLERANCE", {}))
+            limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
             parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
             if parity["greedy_token_agreement"] < 0.9:
                 parity["warning"] = (f"{quant or dense.dtype} changes {1 - parity['greedy_token_agreement']:.0%} of the "
@@ -192,18 +189,17 @@ def memory_bytes(dense: DenseModel, workload, quant: str | None = None) -> int:
 
 
 def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
-                  plans: Plans, threads: int | None, notice: Callable[[str], None]):
-    """The stored table for target × flow × model × workload (× variant); else profile the host, or
-    estimate."""
-    from profilers.profile import cannot_measure, profile_table
-    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, profile_command, strategy_fingerprint
+                  plans: Plans, threads: int | None, notice: Callable[[str], None], *, command: str,
+                  measurable: bool):
+    """The stored table for target × flow × model × workload (× variant); else measure it (this
+    machine can: `measurable`), or estimate. `command` measures it on the device."""
+    from profilers.profile import profile_table
+    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
     path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=plans.variant)
-    command = profile_command(target, flow, plans.fmt, workload)
     on_device = "" if target["name"] == "host" else f" on the {target['name']}"
-    measurable = cannot_measure(target, flow) is None
     if path.is_file():
         table = LatencyTable.load(path)
         table.check(model, sfp)
@@ -272,7 +268,10 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
 
     plans = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)  # user errors first
     acc = accuracy_table(elastic, strategy_dir, notice, adapter_dir)
-    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice)
+    command = profile_command(target, flow, plans.fmt, workload)  # what measures this table (on the device)
+    measurable = cannot_measure(target, flow) is None
+    table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice,
+                                      command=command, measurable=measurable)
     latency = table.as_mapping()
     mem = {s: memory_bytes(d, workload, plans.quant) for s, d in plans.shapes.items()} if memory_budget else None
     result = search(acc.scores(), latency, budget_s, mem, memory_budget)
@@ -282,7 +281,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         "score": result.score, "score_definition": "-log(held-out perplexity)", "table": str(table_path),
         "table_source": table.source, "table_validation": table.validation, "search": result.as_dict(),
         "parameters": plans.shapes[result.shape].parameters(), "measured_latency_s": None, "out": None,
-        "measure_command": None if table.source == "measured" else profile_command(target, flow, plans.fmt, workload),
+        "measure_command": None if table.source == "measured" else command,
     }
     if dry_run:
         return summary
@@ -292,7 +291,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
         plot_pareto(tmp / "pareto.png", acc.scores(), latency, budget_s, result.shape,
                     f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         measured = None
-        if cannot_measure(target, flow) is None:
+        if measurable:
             measured = time_artifact(tmp, flow, workload, threads=threads or table_threads(table), target=target)
         summary["measured_latency_s"] = measured["median"] if measured else None
         if measured:
@@ -301,7 +300,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                 summary["measure_warnings"].append(
                     f"the artifact measured {measured['median'] * 1e3:.1f} ms against a {budget_s * 1e3:.1f} ms budget "
                     f"(predicted {result.latency_s * 1e3:.1f} ms): if the machine is busy, re-measure when idle; "
-                    f"if not, re-profile: amoeba-export profile --target host --flow {flow}")
+                    f"if not, re-profile: {command}")
         body["latency"] = {"metric": workload.metric, "workload": workload.to_json(), "budget_s": budget_s,
                            "predicted_s": result.latency_s, "table": str(table_path), "table_source": table.source,
                            "table_validation": table.validation, "measured": measured}
@@ -311,6 +310,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                         adapter_dir=adapter_dir, layout=layout, strict=strict, build=build, workload=workload,
                         before_manifest=finish)
     summary["out"] = str(out)
+    summary["dtype"] = res.manifest["dtype"]
     summary["legalize"] = res.manifest["legalize"]
     summary["engine"] = res.manifest["engine"]
     summary["parity"] = res.manifest["parity"]

@@ -38,7 +38,7 @@ def main() -> None:
     wl = Workload(1, args.prompt_len, 1, "tpot")  # bytes per token: weights + the KV cache of prompt_len + 1
     space = elastic.strategy.space
     dense_shape = space.largest
-    for w in environment().get("warnings", []):
+    for w in environment(args.threads).get("warnings", []):
         print(f"warning: {w}")
     print(f"host: {target.get('cpu', '?')}, measured bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"threads {args.threads}, workload {wl.key()}")

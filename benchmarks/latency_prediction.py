@@ -52,7 +52,7 @@ def main() -> None:
     planned = legal_plans(elastic, flow, target, dtype=args.dtype)
     plans, quant = planned.shapes, planned.quant
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
-    env = environment()
+    env = environment(args.threads)
     print(f"model {model['name']}, flow {flow} ({quant or 'float'}), {len(plans)} shapes, workload {wl.key()}, "
           f"threads {args.threads}")
     for w in env.get("warnings", []):
