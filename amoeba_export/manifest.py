@@ -19,14 +19,20 @@ PACKAGES = ("amoeba-export", "torch", "transformers", "safetensors", "tokenizers
             "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-genai")
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
+def package_versions(names) -> dict[str, str | None]:
+    """Installed version of each distribution (None where it is not installed)."""
+    out = {}
+    for name in names:
         try:
-            out[p] = metadata.version(p)
+            out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            pass
+            out[name] = None
     return out
+
+
+def versions() -> dict:
+    installed = {k: v for k, v in package_versions(PACKAGES).items() if v is not None}
+    return {"python": platform.python_version(), **installed}
 
 
 def hash_inputs(paths: dict[str, Path | None]) -> dict:

@@ -25,8 +25,12 @@ class Config:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None = None
-    tied: bool = False
+    rope_scaling: dict | None = None  # the output projection is lm_head.weight where given, else the embedding
+
+
+def rope_kind(scaling: dict | None) -> str:
+    """The RoPE scaling type of an HF config's scaling dict (v5 `rope_type`, v4 `type`); "default" for none."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
 
 
 def rope_frequencies(theta: float, head_dim: int, scaling: dict | None = None) -> np.ndarray:
@@ -34,7 +38,7 @@ def rope_frequencies(theta: float, head_dim: int, scaling: dict | None = None) -
     wavelengths longer than original_ctx/low_freq_factor are divided by `factor`, shorter than
     original_ctx/high_freq_factor kept, the band between blended linearly in original_ctx/wavelength."""
     inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = rope_kind(scaling)
     if kind == "default":
         return inv_freq
     if kind != "llama3":
@@ -95,14 +99,15 @@ def forward(weights: dict[str, np.ndarray], cfg: Config, ids: np.ndarray, dtype=
         gate = _linear(h, p, "mlp.gate_proj")
         x = x + _linear(gate / (1 + np.exp(-gate)) * _linear(h, p, "mlp.up_proj"), p, "mlp.down_proj")
     x = _rms_norm(x, np.asarray(w["model.norm.weight"], dtype=dtype), cfg.rms_norm_eps)
-    head = embed if cfg.tied or "lm_head.weight" not in w else np.asarray(w["lm_head.weight"], dtype=dtype)
+    head = np.asarray(w["lm_head.weight"], dtype=dtype) if "lm_head.weight" in w else embed
     return (x @ head.T).astype(np.float32)
 
 
-def config_of(dense) -> Config:
-    """The forward's Config for a DenseModel (the exporters write its sizes)."""
-    from .exporters.pytorch import rope
+def logits_fn(weights: dict[str, np.ndarray], cfg: Config):
+    """`forward` as an exporter's `load` returns it: torch ids [B, T] -> torch logits [B, T, V]."""
+    import torch
 
-    theta, scaling = rope(dense.config)
-    return Config(dense.hidden_size, [(s.n_heads, s.n_kv_heads) for s in dense.layers], dense.layers[0].head_dim,
-                  float(dense.config.get("rms_norm_eps", 1e-6)), theta, scaling, dense.tied)
+    def logits(ids: "torch.Tensor") -> "torch.Tensor":
+        return torch.from_numpy(forward(weights, cfg, ids.cpu().numpy()))
+
+    return logits

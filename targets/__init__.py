@@ -328,10 +328,19 @@ def describe(target: dict) -> str:
     return f"{target['name']}  {arch}  {mem_s}  {bw_s}  {peak_s}  flows: {flows}"
 
 
+def flow_table(target: dict, flow: str) -> dict | None:
+    """The target's [flows.<flow>] table, None where it has none (a loaded target keeps the tables in
+    flow_defaults; a plain dict written as the TOML is, in flows)."""
+    table = (target.get("flow_defaults") or {}).get(flow)
+    if table is None and isinstance(target.get("flows"), dict):
+        table = target["flows"].get(flow)
+    return table
+
+
 def default_format(target: dict, flow: str) -> str | None:
     """The weight format a flow uses on a target by default: its quantization unless "none", else its
     dtype; None where the target has no table for the flow."""
-    table = (target.get("flow_defaults") or {}).get(flow)
+    table = flow_table(target, flow)
     if table is None:
         return None
     q = table.get("quantization")

@@ -29,19 +29,19 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..legalize import FlowCaps
+from ..io import read_json
+from ..legalize import FLOAT_DTYPES, FlowCaps
 from ..materialize import DenseModel
 from ..numpy_llama import rope_frequencies
-from .pytorch import rope
+from .pytorch import llama3_rope, rope
 
 NAME = "gguf"
 FILE = "model.gguf"
 
-FLOATS = ("float32", "float16", "bfloat16")
 BLOCK_QUANTS = ("q8_0", "q4_0")  # quantised here, by gguf-py
 K_QUANTS = ("q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")  # quantised by llama.cpp in build()
 CAPS = FlowCaps(
-    per_layer=True, o_down_bias=True, head_dims=None, quants=FLOATS + BLOCK_QUANTS + K_QUANTS,
+    per_layer=True, o_down_bias=True, head_dims=None, quants=FLOAT_DTYPES + BLOCK_QUANTS + K_QUANTS,
     align={**{q: 32 for q in BLOCK_QUANTS}, **{q: 256 for q in K_QUANTS}},
 )
 # verify's parity limits (max |logit diff| against the masked reference): llama.cpp accumulates in
@@ -106,7 +106,7 @@ def nbytes(shape: tuple[int, ...], t) -> int:
 def check_quant(dense: DenseModel, quant: str | None) -> None:
     """A UserError naming the first size the quant cannot take (block quants need every 2-D
     weight's in-features to be a multiple of their block; K-quants, per CAPS, n_ff of 256)."""
-    if quant is None or quant in FLOATS:
+    if quant is None or quant in FLOAT_DTYPES:
         return
     if quant not in CAPS.quants:
         raise UserError(f"unknown quantisation {quant!r} for the gguf flow: choose one of {', '.join(CAPS.quants)}")
@@ -135,12 +135,9 @@ def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray | None:
     """`rope_freqs.weight` for Llama-3 RoPE scaling: llama.cpp divides each frequency by its
     factor, HF's llama3 rule rescales the frequencies, so factor = inv_freq / scaled inv_freq.
     None for plain RoPE; a UserError for the other scaling types (linear, yarn, ...), not written yet."""
-    theta, scaling = rope(config)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
+    theta, scaling = llama3_rope(config, NAME)
+    if scaling is None:
         return None
-    if kind != "llama3":
-        raise UserError(f"RoPE scaling {kind!r} is not supported by the gguf exporter (default and llama3 are)")
     base = rope_frequencies(theta, head_dim)
     scaled = rope_frequencies(theta, head_dim, scaling)
     return (base / scaled).astype(np.float32)
@@ -157,15 +154,15 @@ def convert(t: np.ndarray, ggml_type) -> np.ndarray:
     return quants.quantize(np.ascontiguousarray(t, dtype=np.float32), ggml_type)
 
 
-def plan(dense: DenseModel, wtype) -> list[tuple[str, str | None, tuple[int, ...], object]]:
-    """(gguf name, hf name or None for computed tensors, shape, GGML type), in write order.
+def plan(dense: DenseModel, wtype) -> list[tuple[str, str | np.ndarray, tuple[int, ...], object]]:
+    """(gguf name, hf name or the data of a computed tensor, shape, GGML type), in write order.
     1-D tensors (norms, biases, rope factors) stay F32: they are tiny and llama.cpp adds them in F32."""
     from gguf import GGMLQuantizationType as T
 
     out = []
     factors = llama3_rope_factors(dense.config, dense.layers[0].head_dim)
     if factors is not None:
-        out.append(("rope_freqs.weight", None, factors.shape, T.F32))
+        out.append(("rope_freqs.weight", factors, factors.shape, T.F32))
     for hf, shape in dense.tensor_specs():
         out.append((gguf_name(hf), hf, tuple(shape), wtype if len(shape) == 2 else T.F32))
     return out
@@ -179,8 +176,8 @@ def stream(dense: DenseModel, entries: list) -> Iterator[tuple[str, np.ndarray]]
         heads[f"blk.{j}.attn_k"] = s.n_kv_heads
     tensors = dense.tensors()
     for name, hf, shape, t in entries:
-        if hf is None:
-            data = llama3_rope_factors(dense.config, dense.layers[0].head_dim)
+        if isinstance(hf, np.ndarray):  # computed in plan()
+            data = hf
         else:
             got, tensor = next(tensors)
             if got != hf or tuple(tensor.shape) != shape:  # tensors() and tensor_specs() disagree: a bug
@@ -238,7 +235,7 @@ def add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> dict:
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.is_file():
         return _no_vocab(writer, vocab_size, "no tokenizer.json in the tokenizer directory")
-    tj = json.loads(path.read_text(encoding="utf-8"))
+    tj = read_json(path)
     model = tj.get("model") or {}
     decoder = (tj.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
@@ -353,11 +350,10 @@ def llama_cpp_module():
 
 
 def toolchain() -> dict:
-    """The versions of what writes and runs the file (from the manifest's version list)."""
-    from ..manifest import versions
+    """The versions of what writes and runs the file."""
+    from ..manifest import package_versions
 
-    v = versions()
-    return {pkg: v.get(pkg) for pkg in ("llama_cpp_python", "gguf")}
+    return package_versions(("llama_cpp_python", "gguf"))
 
 
 def tensor_types(path: Path) -> dict[str, int]:

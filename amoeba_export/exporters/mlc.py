@@ -27,11 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from targets import flow_table
+
 from ..errors import UserError
-from ..io import dumps_json, read_json
+from ..io import dumps_json, read_json, write_json
 from ..legalize import FlowCaps
 from ..materialize import DenseModel
-from .pytorch import copy_tokenizer, rope
+from .device import SCRIPT, run_script, skipped, write_script
+from .pytorch import copy_tokenizer, llama3_rope
 
 NAME = "mlc"
 # formats.md §5.6: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
@@ -50,7 +53,6 @@ MAX_INT = 7  # q = round(w / scale) + 7 in 0..14
 SHARD_CAP = 32 << 20  # bytes per params_shard file (tvmjs / convert_weight default)
 CACHE_FILES = ("tensor-cache.json", "ndarray-cache.json")
 CONFIG = "mlc-chat-config.json"
-SCRIPT = "build.sh"
 # what `mlc_llm gen_config` copies and lists as tokenizer_files
 MLC_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json",
                        "tokenizer_config.json")
@@ -158,13 +160,13 @@ def mlc_tensors(dense: DenseModel, quant: str) -> Iterator[tuple[str, np.ndarray
 
 
 def write_cache(out_dir: Path, items: Iterable[tuple[str, np.ndarray, str]], parameters: int,
-                cap: int | None = None) -> list[str]:
+                cap: int | None = None) -> tuple[list[str], dict]:
     """Write params_shard_K.bin and the tensor cache JSON (both names) with tvmjs's sharding rule: tensors
     appended in order; when the pending shard would reach `cap` it is flushed first, unless the tensor
     is at least half the cap, which then goes alone into its own shard at offset 0 (the pending shard
     goes on). Every record is `format: "raw"`: float32 is stored as real float32 (convert_weight's
     "f32-to-bf16" would halve it to bf16 bits); MLC's runtime and `load_tensor_cache` read both.
-    Returns the file names written."""
+    Returns (the file names written, the cache's metadata)."""
     out_dir = Path(out_dir)
     cap = SHARD_CAP if cap is None else cap
     shards: list[dict] = []
@@ -196,7 +198,7 @@ def write_cache(out_dir: Path, items: Iterable[tuple[str, np.ndarray, str]], par
     text = dumps_json({"metadata": meta, "records": shards})
     for name in CACHE_FILES:
         (out_dir / name).write_text(text)
-    return [s["dataPath"] for s in shards] + list(CACHE_FILES)
+    return [s["dataPath"] for s in shards] + list(CACHE_FILES), meta
 
 
 def read_cache(out_dir: Path, name: str = CACHE_FILES[0]) -> dict[str, np.ndarray]:
@@ -289,13 +291,19 @@ def conv_template_name(tokenizer_dir: Path) -> str:
     return "LM"
 
 
-def conv_template(tokenizer_dir: Path) -> dict:
-    """MLC's template for the tokenizer's chat format, its stop token ids those of this tokenizer
-    (MLC's registry fixes SmolLM2's and Llama-3's: a Qwen2 chatml model stops on another id)."""
-    conv = json.loads(json.dumps(CONV_TEMPLATES[conv_template_name(tokenizer_dir)]))
+def tokenizer_json(tokenizer_dir: Path) -> dict | None:
+    """The directory's tokenizer.json, parsed (None without one)."""
     path = Path(tokenizer_dir) / "tokenizer.json"
-    if path.is_file() and conv["stop_str"]:
-        tj = read_json(path)
+    return read_json(path) if path.is_file() else None
+
+
+def conv_template(tokenizer_dir: Path, tj: dict | None = None) -> dict:
+    """MLC's template for the tokenizer's chat format, its stop token ids those of this tokenizer
+    (MLC's registry fixes SmolLM2's and Llama-3's: a Qwen2 chatml model stops on another id).
+    `tj`: the directory's tokenizer.json when the caller has parsed it already."""
+    conv = json.loads(json.dumps(CONV_TEMPLATES[conv_template_name(tokenizer_dir)]))
+    tj = tj if tj is not None else tokenizer_json(tokenizer_dir)
+    if tj is not None and conv["stop_str"]:
         ids = {a["content"]: a["id"] for a in tj.get("added_tokens") or []}
         vocab = (tj.get("model") or {}).get("vocab")
         if isinstance(vocab, dict):
@@ -306,16 +314,14 @@ def conv_template(tokenizer_dir: Path) -> dict:
     return conv
 
 
-def tokenizer_info(tokenizer_dir: Path) -> dict:
-    """MLC's TokenizerInfo as its C++ `DetectTokenizerInfo` derives it from tokenizer.json: byte_level
-    when a decoder is ByteLevel, byte_fallback when one is ByteFallback (and by default);
+def tokenizer_info(tj: dict | None) -> dict:
+    """MLC's TokenizerInfo as its C++ `DetectTokenizerInfo` derives it from tokenizer.json (`tj`):
+    byte_level when a decoder is ByteLevel, byte_fallback when one is ByteFallback (and by default);
     prepend_space_in_encode from a Prepend "▁" normalizer; strip_space_in_decode from a Strip(" ", 1, 0)
     decoder. Without tokenizer.json MLC uses the defaults."""
     info = {"token_postproc_method": "byte_fallback", "prepend_space_in_encode": False, "strip_space_in_decode": False}
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
+    if tj is None:
         return info
-    tj = read_json(path)
 
     def flat(node: dict | None, key: str) -> list[dict]:
         node = node or {}
@@ -332,13 +338,11 @@ def tokenizer_info(tokenizer_dir: Path) -> dict:
     return info
 
 
-def active_vocab_size(tokenizer_dir: Path, vocab_size: int) -> int:
-    """Tokens the tokenizer can produce, as MLC takes len(HF tokenizer): the model's vocabulary plus
-    the added tokens it does not hold (vocab_size without a tokenizer.json)."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
+def active_vocab_size(tj: dict | None, vocab_size: int) -> int:
+    """Tokens the tokenizer (its tokenizer.json, `tj`) can produce, as MLC takes len(HF tokenizer):
+    the model's vocabulary plus the added tokens it does not hold (vocab_size without a tokenizer.json)."""
+    if tj is None:
         return vocab_size
-    tj = read_json(path)
     vocab = (tj.get("model") or {}).get("vocab") or {}
     tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab}  # Unigram: [token, score]
     return len(tokens) + sum(a.get("content") not in tokens for a in tj.get("added_tokens") or [])
@@ -367,11 +371,8 @@ def sizes(max_positions: int | None, workload=None) -> dict:
 def chat_config(dense: DenseModel, tokenizer_dir: Path, quant: str, workload=None) -> dict:
     """mlc-chat-config.json as `mlc_llm gen_config` writes it for this model (formats.md §5.4)."""
     cfg, first = dense.config, dense.layers[0]
-    theta, scaling = rope(cfg)
+    theta, scaling = llama3_rope(cfg, NAME)
     if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind != "llama3":
-            raise UserError(f"MLC's llama takes RoPE scaling llama3 only, and this model has {kind!r}")
         scaling = {**{k: v for k, v in scaling.items() if k != "type"}, "rope_type": "llama3"}
     max_pos = cfg.get("max_position_embeddings")
     size = sizes(int(max_pos) if max_pos else None, workload)
@@ -383,13 +384,14 @@ def chat_config(dense: DenseModel, tokenizer_dir: Path, quant: str, workload=Non
         "position_embedding_base": theta, "rope_scaling": scaling, "disaggregation": False, **shared,
     }
     d = Path(tokenizer_dir)
+    tj = tokenizer_json(d)  # 3.5 MB for SmolLM2: parsed once for the three fields that read it
     out = {
         "version": "0.1.0", "model_type": "llama", "quantization": quant, "model_task": "chat",
         "model_config": model_config, **{k: v for k, v in shared.items() if k != "max_batch_size"},
-        "active_vocab_size": active_vocab_size(d, dense.vocab_size), "sliding_window_size": -1,
+        "active_vocab_size": active_vocab_size(tj, dense.vocab_size), "sliding_window_size": -1,
         "attention_sink_size": -1, "embedding_metadata": None,
         "tokenizer_files": [f for f in MLC_TOKENIZER_FILES if (d / f).is_file()],
-        "tokenizer_info": tokenizer_info(d), "conv_template": conv_template(d),
+        "tokenizer_info": tokenizer_info(tj), "conv_template": conv_template(d, tj),
     }
     for name in ("generation_config.json", "config.json"):  # first file that says it wins, then MLC's defaults
         source = read_json(d / name) if (d / name).is_file() else {}
@@ -417,11 +419,10 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
         raise UserError(f"flow 'mlc' cannot write {quant!r}: choose one of {', '.join(CAPS.quants)}")
     out_dir = Path(out_dir)
     config = chat_config(dense, tokenizer_dir, quant, workload)  # user errors before any weight is read
-    files = write_cache(out_dir, mlc_tensors(dense, quant), dense.parameters())
-    (out_dir / CONFIG).write_text(dumps_json(config))
+    files, meta = write_cache(out_dir, mlc_tensors(dense, quant), dense.parameters())
+    write_json(out_dir / CONFIG, config)
     files.append(CONFIG)
     files += copy_tokenizer(Path(tokenizer_dir), out_dir)
-    meta = read_json(out_dir / CACHE_FILES[0])["metadata"]
     dense.record["mlc"] = {"quantization": quant, "shards": sum(f.startswith("params_shard_") for f in files),
                            "bits_per_param": meta["BitsPerParam"], "conv_template": config["conv_template"]["name"],
                            "tokenizer_info": config["tokenizer_info"],
@@ -432,18 +433,10 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
 
 # ---------------------------------------------------------------- script / build
 
-def mlc_table(target: dict) -> dict:
-    """The target's [flows.mlc] table (loaded targets keep it in flow_defaults; plain dicts in flows)."""
-    table = (target.get("flow_defaults") or {}).get("mlc")
-    if table is None and isinstance(target.get("flows"), dict):
-        table = target["flows"].get("mlc")
-    return table or {}
-
-
 def device_of(target: dict) -> str:
     """`mlc_llm compile --device`: the [flows.mlc] `device` key, else cuda for a CUDA arch (detected
     on the device where the script runs), cpu for a CPU target, else auto."""
-    table = mlc_table(target)
+    table = flow_table(target, NAME) or {}
     if table.get("device"):
         return str(table["device"])
     if str(target.get("arch", "")).startswith("sm_"):
@@ -488,7 +481,7 @@ def _plan(out_dir: Path, target: dict, quant: str | None, workload) -> dict:
     size = ({k: config["model_config"][k] for k in ("context_window_size", "prefill_chunk_size", "max_batch_size")}
             if workload is None else sizes(None, workload))  # emit checked the workload against the model
     device = device_of(target)
-    host = mlc_table(target).get("host")
+    host = (flow_table(target, NAME) or {}).get("host")
     lib = library_name(quant, device)
     overrides = ";".join(f"{k}={v}" for k, v in size.items())
     cmd = ["mlc_llm", "compile", f"./{CONFIG}", "--device", device] + (["--host", str(host)] if host else [])
@@ -546,10 +539,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
     for message in (f"built {lib}", f"run: mlc_llm chat . --model-lib {lib}",
                     f'  or from Python: MLCEngine(model=".", model_lib="{lib}")'):
         lines.append(f"echo {shlex.quote(message)}")
-    path = Path(out_dir) / SCRIPT
-    path.write_text("\n".join(lines) + "\n")
-    path.chmod(0o755)
-    return [SCRIPT]
+    return write_script(out_dir, "\n".join(lines) + "\n")
 
 
 def toolchain(mlc_llm: str | None) -> dict:
@@ -576,15 +566,15 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
     exe = shutil.which("mlc_llm")
     plan = _plan(out_dir, target, quant, None)
     known = {**toolchain(exe), "device": plan["device"], "arch": target.get("arch"), "command": plan["command"]}
-    if exe is None:
-        return {"built": [], "skipped": f"mlc_llm is not on PATH here: run `bash {SCRIPT}` on the {plan['target']}",
-                "script": SCRIPT, "toolchain": known}
-    run = subprocess.run(["bash", SCRIPT], cwd=out_dir, capture_output=True, text=True, check=False)
-    tail = (run.stdout + run.stderr).splitlines()[-20:]
-    record = {"script": SCRIPT, "toolchain": known, "returncode": run.returncode, "output_tail": tail,
-              "built": [plan["library"]] if run.returncode == 0 and (out_dir / plan["library"]).is_file() else []}
+    skip = skipped("mlc_llm", target)
+    if skip:
+        return {**skip, "toolchain": known}
+    returncode, lines = run_script(out_dir)
+    tail = lines[-20:]
+    record = {"script": SCRIPT, "toolchain": known, "returncode": returncode, "output_tail": tail,
+              "built": [plan["library"]] if returncode == 0 and (out_dir / plan["library"]).is_file() else []}
     if not record["built"]:
-        record["failed"] = f"bash {SCRIPT} exited with {run.returncode}" + (f": {tail[-1]}" if tail else "")
+        record["failed"] = f"bash {SCRIPT} exited with {returncode}" + (f": {tail[-1]}" if tail else "")
     return record
 
 
@@ -622,14 +612,10 @@ def hf_weights(out_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
 def load(out_dir: Path):
     """The MLC weights through the NumPy LLaMA forward (MLC's runtime needs its compiled library):
     `ids [B, T] -> logits [B, T, V]` (float32, from the weights as stored: fp16 / dequantised q4)."""
-    from ..numpy_llama import Config, forward
+    from ..numpy_llama import Config, logits_fn
 
     weights, mc = hf_weights(out_dir)
     layers = [(mc["num_attention_heads"], mc["num_key_value_heads"])] * mc["num_hidden_layers"]
     cfg = Config(mc["hidden_size"], layers, mc["head_dim"], float(mc["rms_norm_eps"]),
-                 float(mc["position_embedding_base"]), mc.get("rope_scaling"), bool(mc["tie_word_embeddings"]))
-
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(forward(weights, cfg, ids.cpu().numpy()))
-
-    return logits
+                 float(mc["position_embedding_base"]), mc.get("rope_scaling"))
+    return logits_fn(weights, cfg)

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..io import read_json, write_json
 from ..legalize import FlowCaps
+from ..manifest import package_versions
 from ..materialize import DenseModel
 from . import pytorch
 
@@ -316,9 +316,8 @@ def build_genai(hf_dir: Path, out: Path, precision: str = "fp32", timeout: float
     EP: measured). Returns {"built": True, ...} or {"built": False, "reason": ...}; on failure
     `out` is removed. The reason names no temporary path, so the record stays deterministic.
     """
-    try:
-        version = metadata.version("onnxruntime-genai")
-    except metadata.PackageNotFoundError:
+    version = package_versions(("onnxruntime-genai",))["onnxruntime-genai"]
+    if version is None:
         return {"built": False, "reason": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
     out = Path(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
@@ -391,7 +390,7 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
     ort.InferenceSession(str(out_dir / MODEL_FILE), so, providers=["CPUExecutionProvider"])
     return {
         "built": built,
-        "toolchain": {"onnxruntime": ort.__version__, "onnx": metadata.version("onnx")},
+        "toolchain": {"onnxruntime": ort.__version__, **package_versions(("onnx",))},
         "graph_optimization_level": level,
         "execution_provider": "CPUExecutionProvider" if cpu else "any (basic optimisations are provider-independent)",
         "target": target.get("name"),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..io import write_json, write_safetensors_stream
 from ..legalize import FlowCaps
 from ..materialize import DenseModel
@@ -42,6 +43,20 @@ def rope(config: dict) -> tuple[float, dict | None]:
     if scaling is None and params.get("rope_type", "default") != "default":
         scaling = params
     return float(theta), scaling
+
+
+def llama3_rope(config: dict, flow: str) -> tuple[float, dict | None]:
+    """(theta, scaling) for the flows that write plain RoPE or Llama-3's scaling only (gguf, trtllm,
+    mlc): scaling is None for plain RoPE, else the llama3 dict; another kind is a UserError."""
+    from ..numpy_llama import rope_kind
+
+    theta, scaling = rope(config)
+    kind = rope_kind(scaling)
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise UserError(f"RoPE scaling {kind!r} is not supported by the {flow} exporter (default and llama3 are)")
+    return theta, scaling
 
 
 def stock_class(dense: DenseModel) -> bool:

@@ -18,9 +18,7 @@ happens on the device (`build.sh`); the checkpoint written here is then float16.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -28,12 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from targets import flow_table
+
 from ..errors import UserError
 from ..io import read_json, safetensors_header, write_json, write_safetensors_stream
 from ..legalize import FlowCaps
 from ..materialize import DenseModel
-from ..numpy_llama import Config, forward
+from ..numpy_llama import Config, logits_fn
 from . import pytorch
+from .device import SCRIPT, run_script, skipped, write_script
 
 NAME = "trtllm"
 # formats.md §1.1 and §3: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
@@ -46,7 +47,6 @@ CAPS = FlowCaps(per_layer=False, o_down_bias=True, head_dims=HEAD_DIMS,
 QUANTS = ("int4_awq", "int8_wo", "int4_wo")  # quantised on the device from float16
 CKPT = "trtllm_checkpoint"
 RANK0 = "rank0.safetensors"
-SCRIPT = "build.sh"
 # verify's parity limits. float32: the NumPy forward sums in another order than torch; measured on
 # SmolLM2-135M (logits in about [-20, 40], verify's 18-token prompt) 5.1e-5 at 30x1.0, 1.03e-4 at
 # 24x0.75, 6.9e-5 at 19x0.5, so the pipeline's default 1e-4 is too tight. The device quants: verify
@@ -87,12 +87,9 @@ def check(dense: DenseModel) -> None:
 def rotary_scaling(config: dict) -> dict | None:
     """RoPE scaling in TensorRT-LLM's spelling (`type`, read by its attention layer): None for
     plain RoPE, the llama3 dict; other kinds are not written (the NumPy check has only these two)."""
-    _, scaling = pytorch.rope(config)
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
+    _, scaling = pytorch.llama3_rope(config, NAME)
+    if scaling is None:
         return None
-    if kind != "llama3":
-        raise UserError(f"RoPE scaling {kind!r} is not supported by the trtllm exporter (default and llama3 are)")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     return {"type": "llama3", **{k: scaling[k] for k in keys if k in scaling}}
 
@@ -158,8 +155,10 @@ def to_trt(stream: Iterable[tuple[str, torch.Tensor]], tied: bool, dtype: torch.
 
 
 def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
-    """Write the HF directory (the PyTorch flow's writer) and `trtllm_checkpoint/`. The weights are
-    read twice, once per file, each time one tensor at a time (q/k/v: three)."""
+    """Write the HF directory (the PyTorch flow's writer) and `trtllm_checkpoint/`, a renaming of the
+    HF weights just written: read back one tensor at a time (q/k/v: three), not materialized again."""
+    from ..elastic import WeightSource
+
     check(dense)
     dtype = checkpoint_dtype(dense, quant)
     out_dir = Path(out_dir)
@@ -169,10 +168,10 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     write_json(ckpt / "config.json", unified_config(dense, dtype))
     meta = ((n, torch.empty(s, device="meta")) for n, s in dense.tensor_specs())
     specs = [(n, tuple(t.shape)) for n, t in to_trt(meta, dense.tied, dtype)]
-    stream = tqdm(to_trt(dense.tensors(), dense.tied, dtype), total=len(specs), desc="writing trtllm checkpoint",
-                  unit="tensor", leave=False)
-    [written] = write_safetensors_stream(ckpt, specs, stream, dtype, max_shard_bytes=1 << 62)  # one file per rank
-    os.replace(ckpt / written, ckpt / RANK0)
+    hf = WeightSource(out_dir)
+    stream = tqdm(to_trt(((n, hf.get(n)) for n, _ in dense.tensor_specs()), dense.tied, dtype), total=len(specs),
+                  desc="writing trtllm checkpoint", unit="tensor", leave=False)
+    write_safetensors_stream(ckpt, specs, stream, dtype, max_shard_bytes=1 << 62, stem=RANK0.removesuffix(".safetensors"))
     dense.record["trtllm"] = {"checkpoint_dtype": str(dtype).removeprefix("torch."), "quant": quant}
     return files + [f"{CKPT}/config.json", f"{CKPT}/{RANK0}"]
 
@@ -180,7 +179,7 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
 # ---------------------------------------------------------------- build.sh (runs on the device)
 
 def is_jetson(target: dict) -> bool:
-    version = str((target.get("flow_defaults") or {}).get(NAME, {}).get("version", ""))
+    version = str((flow_table(target, NAME) or {}).get("version", ""))
     return target["name"].startswith("jetson") or "jetson" in version
 
 
@@ -336,7 +335,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
         "MODEL": (f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV) "
                   f"x {cfg['head_size']}, n_ff {cfg['intermediate_size']}, hidden {cfg['hidden_size']}"),
         "CKPT": CKPT, "DTYPE": cfg["dtype"], "QUANT": quant or "none", "B": B, "P": P, "G": G, "S": P + G,
-        "T": max_num_tokens(B, P, jetson), "VERSION": (target.get("flow_defaults") or {}).get(NAME, {}).get("version", "1.x"),
+        "T": max_num_tokens(B, P, jetson), "VERSION": (flow_table(target, NAME) or {}).get("version", "1.x"),
         "JETSON_NOTE": jetson_note, "PYTORCH_NOTE": pytorch_note, "NEED_EXAMPLES": need_examples,
         "QUANT_STEP": steps, "BUILD_CKPT": build_ckpt, "PLUGIN": dtype, "FMHA": fmha,
         "MMAP": " --use_mmap" if jetson else "",
@@ -344,37 +343,28 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
     text = BUILD_SH
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))
-    path = out_dir / SCRIPT
-    path.write_text(text)
-    path.chmod(0o755)
-    return [SCRIPT]
+    return write_script(out_dir, text)
 
 
 def toolchain() -> dict:
-    from importlib import metadata
+    from ..manifest import package_versions
 
-    out = {"trtllm-build": shutil.which("trtllm-build")}
-    for pkg in ("tensorrt_llm", "tensorrt"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return {"trtllm-build": shutil.which("trtllm-build"), **package_versions(("tensorrt_llm", "tensorrt"))}
 
 
 def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
-    """Run build.sh where trtllm-build is on PATH (the device); elsewhere say where to run it."""
+    """Run build.sh (written by `script`) where trtllm-build is on PATH (the device); elsewhere say
+    where to run it."""
     out_dir = Path(out_dir)
-    record = {"script": SCRIPT, "target": target["name"], "quant": quant}
-    if shutil.which("trtllm-build") is None:
-        return {**record, "built": [], "skipped": f"trtllm-build is not on PATH here: run `bash {SCRIPT}` on the {target['name']}"}
-    if not (out_dir / SCRIPT).is_file():
-        script(out_dir, target, quant)
-    proc = subprocess.run(["bash", SCRIPT], cwd=out_dir, capture_output=True, text=True, check=False)
+    record = {"target": target["name"], "quant": quant}
+    skip = skipped("trtllm-build", target)
+    if skip:
+        return {**record, **skip}
+    returncode, log = run_script(out_dir)
     engine = out_dir / "engine"
     built = sorted(str(p.relative_to(out_dir)) for p in engine.rglob("*") if p.is_file()) if engine.is_dir() else []
-    log = (proc.stdout + proc.stderr).strip().splitlines()
-    return {**record, "returncode": proc.returncode, "built": built, "toolchain": toolchain(), "log_tail": log[-10:]}
+    return {**record, "script": SCRIPT, "returncode": returncode, "built": built, "toolchain": toolchain(),
+            "log_tail": log[-10:]}
 
 
 # ---------------------------------------------------------------- load (verify): NumPy forward
@@ -439,7 +429,7 @@ def load(out_dir: Path):
                 "LlamaForCausalLM", "rope_gpt_neox", "silu"):
             raise UserError(f"{ckpt}/config.json is not a LLaMA checkpoint this check can run")
         config = Config(cfg["hidden_size"], [(cfg["num_attention_heads"], cfg["num_key_value_heads"])] * cfg["num_hidden_layers"],
-                        cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"], cfg["rotary_scaling"], tied=False)
+                        cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"], cfg["rotary_scaling"])
         weights = hf_weights(read_checkpoint(ckpt / RANK0), cfg)
         missing = [n for n in required(cfg) if n not in weights]
     except KeyError as e:
@@ -448,7 +438,4 @@ def load(out_dir: Path):
         raise UserError(f"{ckpt}/{RANK0} lacks {len(missing)} tensors config.json asks for, e.g. "
                         f"{to_trt_name(missing[0])}")
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(forward(weights, config, ids.numpy()))
-
-    return logits
+    return logits_fn(weights, config)
