@@ -13,6 +13,7 @@ standard PEFT LoRA directory and the upstream AmoebaLLM checkpoint layout.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,17 +109,16 @@ class LoRA(Adapter):
 
 # ------------------------------------------------------------------------------------ loading
 
-def adapter_fingerprint(path: Path) -> str:
-    """sha256 (first 16 hex) over an adapter's JSON and safetensors files: what an accuracy table
-    scored with the adapter is keyed by, so a retrained adapter never reuses stale scores."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")) if path.is_dir() else [path]
+def adapter_fingerprint(directory: Path) -> str:
+    """sha256 (first 16 hex) over an adapter directory's JSON and safetensors files: what an accuracy
+    table scored with the adapter is keyed by, so a retrained adapter never reuses stale scores."""
+    from .io import hash_into
+
+    directory = Path(directory)
     h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
+    for f in sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(str(f.relative_to(directory)).encode() + b"\0")
+        hash_into(h, f)
     return h.hexdigest()[:16]
 
 
@@ -130,9 +130,19 @@ def resolve_adapter_dir(path: str | Path) -> Path:
         raise UserError(f"adapter {path} does not exist" if not path.exists() else f"adapter {path} is not a directory")
     if (path / "adapter.json").is_file():
         return path
-    from .upstream import locate_adapter_dir
-
-    return locate_adapter_dir(path)
+    for candidate in (path / "adapter_model", path):  # upstream's checkpoint-N layout first, then PEFT's
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    # a training output directory: its newest checkpoint-N (what upstream's get_last_checkpoint picks)
+    checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    if checkpoints:
+        newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+        for candidate in (newest / "adapter_model", newest):
+            if (candidate / "adapter_config.json").is_file():
+                return candidate
+        raise UserError(f"{newest} has no adapter_config.json (looked in {newest.name}/adapter_model and {newest.name})")
+    raise UserError(f"{path} holds no adapter: expected adapter.json (amoeba-export SMOL), adapter_config.json "
+                    "(PEFT LoRA), or checkpoint-N/adapter_model/ (upstream AmoebaLLM)")
 
 
 def load_adapter(path: str | Path, info: dict) -> Adapter:

@@ -66,12 +66,16 @@ def safetensors_header(path: Path) -> dict:
     return header
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def hash_into(h, path: Path, chunk: int = 1 << 22):
+    """Feed a file's bytes into the hash object `h`, a chunk at a time; returns `h`."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    return hash_into(hashlib.sha256(), path, chunk).hexdigest()
 
 
 def _umask() -> int:

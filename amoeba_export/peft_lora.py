@@ -42,11 +42,6 @@ _UNSUPPORTED = (
 _REWRITES_BASE = ("pissa", "olora", "loftq", "corda")
 
 
-def _pattern_key(patterns, module: str) -> str:
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name by suffix regex."""
-    return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), module)
-
-
 def _targeted(config, module: str) -> bool:
     def matches(spec) -> bool:
         if spec is None:
@@ -83,6 +78,8 @@ def read_peft_lora(directory: str | Path, info: dict) -> LoRA:
                             "with safetensors (save_pretrained(..., safe_serialization=True))")
         raise UserError(f"missing file {weights}")
     config = _load_config(directory)
+    from peft.utils.other import get_pattern_key  # importable: _load_config checked peft
+
     where = directory / "adapter_config.json"
     for attr, what in _UNSUPPORTED:
         if getattr(config, attr, None):
@@ -118,10 +115,10 @@ def read_peft_lora(directory: str | Path, info: dict) -> LoRA:
             if not _targeted(config, module):
                 raise UserError(f"{weights}: {names['A']} adapts {module}, which adapter_config.json does not target")
             r = A.shape[0]
-            r_config = config.rank_pattern.get(_pattern_key(config.rank_pattern, module), config.r)
+            r_config = config.rank_pattern.get(get_pattern_key(config.rank_pattern, module), config.r)
             if r != r_config:
                 raise UserError(f"{weights}: {names['A']} has rank {r}, but adapter_config.json says r={r_config}")
-            alpha = config.alpha_pattern.get(_pattern_key(config.alpha_pattern, module), config.lora_alpha)
+            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern, module), config.lora_alpha)
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
             deltas[(layer, proj)] = LoRADelta(A, B, float(scale))
     meta = {"source": "peft", "r": config.r, "lora_alpha": config.lora_alpha, "use_rslora": bool(config.use_rslora),

@@ -12,6 +12,9 @@ from fractions import Fraction
 
 from .errors import UserError
 
+# Widths closer than this are the same width (fractions like 7/8 written as floats, trained keys)
+WIDTH_TOLERANCE = 1e-6
+
 
 def format_width(w: float) -> str:
     """Shortest decimal that round-trips (0.875, 0.75, 1.0)."""
@@ -69,7 +72,7 @@ class ShapeSpace:
     def resolve(self, shape: Shape) -> Shape:
         """Snap `shape` onto the space (width by closest exact key) or say what exists."""
         width = min(self.widths, key=lambda w: abs(w - shape.width))
-        if shape.depth not in self.depths or abs(width - shape.width) > 1e-6:
+        if shape.depth not in self.depths or abs(width - shape.width) > WIDTH_TOLERANCE:
             raise UserError(
                 f"shape {shape} is not in the calibrated space: depths "
                 f"{min(self.depths)}..{max(self.depths)}, widths "

@@ -35,13 +35,12 @@ from safetensors import safe_open
 from .adapter import PROJECTIONS, Adapter, LoRADelta, check_factors, projection_shape
 from .errors import UserError
 from .io import read_json, safetensors_header, write_json, write_safetensors_stream
-from .shapes import Shape, format_width
+from .shapes import WIDTH_TOLERANCE, Shape, format_width
 from .strategy import MODEL_KEYS
 
 FORMAT = "amoeba-export/adapter"
 VERSION = 1
 ROUTER = ("w1", "b1", "w2", "b2", "noise_w", "noise_b")  # W1 [H, in], b1 [H], W2 [E, H], b2 [E], Wn [E, in], bn [E]
-WIDTH_TOLERANCE = 1e-6
 Key = tuple[int, str]  # (base layer, projection)
 
 
@@ -94,6 +93,24 @@ class ExpertFile(Mapping):
     def names(self, key: Key) -> tuple[str, str]:
         return self.entries[key][0][0], self.entries[key][1][0]
 
+    def select(self, key: Key, chosen: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [k, r, in], B [k, out, r]) of the `chosen` experts only, in that order."""
+        a, b = self.entries[key]
+        with safe_open(str(self.path), framework="pt") as f:
+            if self.stacked:
+                read = lambda ns: torch.stack([f.get_slice(ns[0])[i] for i in chosen])  # noqa: E731
+            else:
+                read = lambda ns: torch.stack([f.get_tensor(ns[i]) for i in chosen])  # noqa: E731
+            return read(a).float(), read(b).float()
+
+
+def _chosen(experts: Mapping[Key, tuple[torch.Tensor, torch.Tensor]], key: Key, chosen: list[int]):
+    """The chosen experts' factors: read from the file where they live there, else indexed in memory."""
+    if isinstance(experts, ExpertFile):
+        return experts.select(key, chosen)
+    A, B = experts[key]
+    return A[chosen].float(), B[chosen].float()
+
 
 @dataclass(eq=False)
 class SMOL(Adapter):
@@ -108,7 +125,8 @@ class SMOL(Adapter):
     model: dict = field(default_factory=dict)  # MODEL_KEYS of the base it was made for
     meta: dict = field(default_factory=dict)
     _depths: dict[int, list[int]] | None = field(default=None, repr=False, compare=False)
-    _gates: dict = field(default_factory=dict, repr=False, compare=False)
+    _gates: dict = field(default_factory=dict, repr=False, compare=False)  # shape -> (g, chosen, z, noise)
+    _mixed: tuple | None = field(default=None, repr=False, compare=False)  # (shape, {key: LoRADelta}) of the last shape
 
     def __post_init__(self):
         R = self.router
@@ -134,11 +152,6 @@ class SMOL(Adapter):
     def n_experts(self) -> int:
         return self.router["w2"].shape[0]
 
-    @property
-    def targets(self) -> list[str]:
-        present = {p for _, p in self.experts}
-        return [p for p in PROJECTIONS if p in present]
-
     # ------------------------------------------------------------------ the router
     def bind(self, strategy) -> None:
         """Take the kept layers of every depth from the strategy of the model this adapter is attached to."""
@@ -147,6 +160,7 @@ class SMOL(Adapter):
                             f"{strategy.model.get('n_layers')} layers")
         self._depths = {int(d): list(ls) for d, ls in strategy.depths.items()}
         self._gates.clear()
+        self._mixed = None
 
     def kept_layers(self, shape: Shape) -> list[int]:
         if self._depths is not None and shape.depth in self._depths:
@@ -190,20 +204,26 @@ class SMOL(Adapter):
 
         Without a generator the gate is deterministic (what export uses); with one, the logits get
         ε ⊙ softplus(Wn x + bn), ε ~ N(0, I) drawn from it, as in training."""
-        z, noise = self.router_logits(self.router_input(layers, width))
-        if generator is not None:
-            z = z + torch.randn(z.shape, generator=generator, dtype=torch.float64) * noise
-        top = torch.topk(z, self.top_k)
-        sparse = torch.full_like(z, float("-inf")).scatter(0, top.indices, top.values)
-        return torch.softmax(sparse, dim=0).float(), [int(i) for i in top.indices]
+        return self._route(layers, width, generator)[:2]
+
+    def _route(self, layers: list[int], width: float, generator: torch.Generator | None = None):
+        """(g, chosen, the noise-free logits z, the noise scale softplus(Wn x + bn))."""
+        with torch.no_grad():
+            z, noise = self.router_logits(self.router_input(layers, width))
+            noisy = z if generator is None else z + torch.randn(z.shape, generator=generator, dtype=torch.float64) * noise
+            top = torch.topk(noisy, self.top_k)
+            sparse = torch.full_like(noisy, float("-inf")).scatter(0, top.indices, top.values)
+            return torch.softmax(sparse, dim=0).float(), [int(i) for i in top.indices], z, noise
 
     def gate(self, shape: Shape, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
         """The gate of `shape` (its kept layers from the bound strategy); cached when deterministic."""
         if generator is not None:
             return self.gate_for(self.kept_layers(shape), shape.width, generator)
+        return self._routed(shape)[:2]
+
+    def _routed(self, shape: Shape):
         if shape not in self._gates:
-            with torch.no_grad():
-                self._gates[shape] = self.gate_for(self.kept_layers(shape), shape.width)
+            self._gates[shape] = self._route(self.kept_layers(shape), shape.width)
         return self._gates[shape]
 
     # ------------------------------------------------------------------ the Adapter interface
@@ -211,18 +231,20 @@ class SMOL(Adapter):
         """s · B_mix A_mix with A_mix = Σ g_i A_i, B_mix = Σ g_i B_i over the selected experts (fp32)."""
         if (layer, proj) not in self.experts:
             return None
-        g, chosen = self.gate(shape)
-        A, B = self.experts[(layer, proj)]
-        with torch.no_grad():
-            A_mix = sum(g[i] * A[i].float() for i in chosen)
-            B_mix = sum(g[i] * B[i].float() for i in chosen)
-        return LoRADelta(A_mix, B_mix, self.scale)
+        if self._mixed is None or self._mixed[0] != shape:  # the masked forward asks for every layer and
+            self._mixed = (shape, {})                        # projection on every call: mix once per shape
+        mixed = self._mixed[1]
+        if (layer, proj) not in mixed:
+            g, chosen = self.gate(shape)
+            A, B = _chosen(self.experts, (layer, proj), chosen)  # only the selected experts are read
+            with torch.no_grad():
+                A_mix = sum(g[i] * A[n] for n, i in enumerate(chosen))
+                B_mix = sum(g[i] * B[n] for n, i in enumerate(chosen))
+            mixed[(layer, proj)] = LoRADelta(A_mix, B_mix, self.scale)
+        return mixed[(layer, proj)]
 
     def record(self, shape: Shape) -> dict:
-        layers = self.kept_layers(shape)
-        with torch.no_grad():
-            z, noise = self.router_logits(self.router_input(layers, shape.width))
-        g, chosen = self.gate(shape)
+        g, chosen, z, noise = self._routed(shape)
         ranked = sorted(z.tolist(), reverse=True)
         return {
             "kind": "smol",

@@ -32,7 +32,6 @@ import io
 import math
 import pickle
 import re
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +40,10 @@ from safetensors import safe_open
 
 from .errors import UserError
 from .io import read_json, safetensors_header
-from .shapes import format_width
+from .shapes import WIDTH_TOLERANCE, format_width, parse_width
 from .strategy import MODEL_KEYS, LayerWidth, Strategy, full_width
 
 DEFAULT_WIDTH_CHOICE = (1.0, 7 / 8, 3 / 4, 5 / 8, 1 / 2)
-SNAP_TOLERANCE = 1e-6
 SOURCE = "upstream AmoebaLLM dp_selection_strategy.npy"
 
 # --------------------------------------------------------------------------- restricted loading
@@ -166,10 +164,10 @@ def _snap(key, width_choice: list[float], what: str) -> float:
     if isinstance(key, (bool, np.bool_)) or not isinstance(key, (int, float, np.integer, np.floating)):
         raise UserError(f"{what}: width key {key!r} is not a number")
     value = float(key)
-    if not 0.0 < value <= 1.0 + SNAP_TOLERANCE:
+    if not 0.0 < value <= 1.0 + WIDTH_TOLERANCE:
         raise UserError(f"{what}: width key {key!r} is out of range (0, 1]")
     best = min(width_choice, key=lambda c: abs(c - value))
-    return float(best) if abs(best - value) <= SNAP_TOLERANCE else value
+    return float(best) if abs(best - value) <= WIDTH_TOLERANCE else value
 
 
 def _binary(arr, what: str, length: int) -> np.ndarray:
@@ -391,25 +389,6 @@ _EXPERT_RE = re.compile(
 _EMBED_RE = re.compile(r"base_model\.model\.(?:model\.embed_tokens|lm_head)\.weight")
 
 
-def locate_adapter_dir(path) -> Path:
-    """The directory holding adapter_config.json: `path/adapter_model` (upstream's checkpoint-N
-    layout, preferred over a Trainer copy at the checkpoint root), `path` itself, or those of the
-    newest `checkpoint-N` inside `path` (what upstream's get_last_checkpoint picks)."""
-    path = Path(path)
-    for candidate in (path / "adapter_model", path):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate
-    checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    if checkpoints:
-        newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
-        for candidate in (newest / "adapter_model", newest):
-            if (candidate / "adapter_config.json").is_file():
-                return candidate
-        raise UserError(f"{newest} has no adapter_config.json (looked in {newest.name}/adapter_model and {newest.name})")
-    raise UserError(f"{path} holds no adapter: expected adapter.json (amoeba-export SMOL), adapter_config.json "
-                    "(PEFT LoRA), or checkpoint-N/adapter_model/ (upstream AmoebaLLM)")
-
-
 def parse_width_choice(value, where: str) -> list[float]:
     """Upstream stores width_choice as a Python expression string, e.g. "[1,7/8,3/4,5/8]", and
     `eval`s it; here each item is read as an exact fraction (no eval), in the stored order, which is
@@ -423,13 +402,12 @@ def parse_width_choice(value, where: str) -> list[float]:
         items = list(value)
     else:
         raise UserError(f"{where}: width_choice {value!r} is not a list of widths")
+    if not items:
+        raise UserError(f"{where}: width_choice {value!r} lists no width")
     try:
-        widths = [float(Fraction(str(v))) for v in items]
-    except (ValueError, ZeroDivisionError):
-        raise UserError(f"{where}: width_choice {value!r} is not a list of numbers such as [1,7/8,3/4,5/8]") from None
-    if not widths or any(not 0 < w <= 1 for w in widths):
-        raise UserError(f"{where}: width_choice {value!r} must list widths in (0, 1]")
-    return widths
+        return [parse_width(str(v)) for v in items]
+    except UserError as e:
+        raise UserError(f"{where}: width_choice {value!r}: {e}") from None
 
 
 def import_adapter(directory, model: dict, width_choice: list[float] | None = None):
@@ -444,7 +422,9 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
     """
     from .smol import SMOL, ExpertFile
 
-    directory = locate_adapter_dir(directory)
+    from .adapter import resolve_adapter_dir
+
+    directory = resolve_adapter_dir(directory)
     cfg_path = directory / "adapter_config.json"
     cfg = read_json(cfg_path)
     if not cfg.get("use_moe_lora"):
@@ -532,7 +512,7 @@ def import_checkpoint(checkpoint_dir, npy_path, model: dict, width_choice: list[
     """
     smol = import_adapter(checkpoint_dir, model, width_choice)
     strategy = import_dp_strategy(npy_path, model, smol.width_choice)
-    trained = lambda w: any(abs(w - c) <= SNAP_TOLERANCE for c in smol.width_choice)  # noqa: E731
+    trained = set(smol.width_choice).__contains__  # import_dp_strategy snapped the keys onto these exact values
     dropped = sorted((w for w in strategy.widths if not trained(w)), reverse=True)
     if len(dropped) == len(strategy.widths):
         raise UserError(f"none of the strategy's widths ({', '.join(map(format_width, dropped))}) is among the adapter's "
