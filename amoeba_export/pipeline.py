@@ -14,7 +14,7 @@ from targets import default_format
 
 from .elastic import ElasticModel
 from .errors import UserError
-from .exporters import get_exporter
+from .exporters import get_exporter, write_artifact
 from .io import atomic_dir
 from .manifest import hash_inputs, write_manifest
 from .materialize import DTYPES, DenseModel, materialize
@@ -132,10 +132,8 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
     shape = elastic.strategy.resolve(shape)
     dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
     with atomic_dir(out) as tmp:
-        files = exporter.emit(dense, tmp, elastic.dir, quant=quant, workload=workload)
-        if hasattr(exporter, "script"):  # the device's build script, written whether or not it runs here
-            files += exporter.script(tmp, target, quant=quant, workload=workload)
-        built = exporter.build(tmp, target, quant=quant) if build and hasattr(exporter, "build") else None
+        files, built = write_artifact(exporter, dense, tmp, elastic.dir, target, quant=quant, workload=workload,
+                                      build=build)
         parity = None
         if check:
             # the reference is the elastic model the dense model came from (legalize may re-select)

@@ -61,11 +61,6 @@ def load_artifact(file: Path, n_ctx: int, threads: int):
 
 # ---------------------------------------------------------------- the steps that are timed
 
-def prompt_ids(vocab_size: int, workload: Workload, *, seed: int = 0) -> list[int]:
-    """Seeded random token ids within the vocabulary: a dense model's work does not depend on them."""
-    return np.random.default_rng(seed).integers(0, vocab_size, workload.prompt_len).tolist()
-
-
 def next_token(llm) -> int:
     """Greedy choice from the last evaluated position's logits."""
     llama_cpp = llama_cpp_module()
@@ -137,7 +132,7 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     meta = read_meta(file)
     metrics, longest = workload.timed(metrics, meta["context_length"], "context length")
     llm = load_artifact(file, longest, n)
-    ids = prompt_ids(meta["vocab_size"], workload, seed=seed)
+    ids = workload.prompt_ids(meta["vocab_size"], seed)[0].tolist()
     env = environment(n)
     timings = time_workload(llm, ids, workload, metrics, **measure_kwargs)
     cp = llm.context_params

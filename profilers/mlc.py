@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
-
 from amoeba_export.errors import UserError
 from amoeba_export.io import read_json
 
@@ -57,7 +55,7 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     path = Path(path)
     config = read_json(path / "mlc-chat-config.json")
     metrics, _ = workload.timed(metrics, config.get("context_window_size"), "context_window_size")
-    ids = np.random.default_rng(seed).integers(0, config["vocab_size"], workload.prompt_len).tolist()
+    ids = workload.prompt_ids(config["vocab_size"], seed)[0].tolist()
     lib = model_lib(path)
     engine = MLCEngine(model=str(path), model_lib=str(lib), mode="local")
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from amoeba_export.exporters import onnx as exporter
 
 from .timing import Timing, environment, measure, profile_record, resolve_threads
@@ -39,18 +36,11 @@ def load_artifact(path: str | Path, threads: int | None = None):
     return exporter.session(model_file, threads), config, model_file
 
 
-def prompt_ids(config: dict, workload: Workload, *, seed: int = 0) -> np.ndarray:
-    """Seeded random ids, `batch x prompt_len`: the same ids the PyTorch profiler draws for the same
-    seed, so two flows time the same prompt."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config["vocab_size"], (workload.batch, workload.prompt_len), generator=g).numpy()
-
-
 def time_workload(sess, config: dict, workload: Workload, *, seed: int = 0,
                   metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict[str, Timing]:
     """Time `metrics` (default: ttft, tpot, and the workload's own metric). Returns {metric: Timing}, seconds."""
     metrics, _ = workload.timed(metrics, config.get("max_position_embeddings"), "max_position_embeddings")
-    ids = prompt_ids(config, workload, seed=seed)
+    ids = workload.prompt_ids(config["vocab_size"], seed)
     empty = exporter.empty_past(config, workload.batch)
     out: dict[str, Timing] = {}
     for metric in metrics:

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import get_exporter
+from amoeba_export.exporters import get_exporter, write_artifact
 from amoeba_export.materialize import materialize
 
 from . import gguf, mlc, onnx, pytorch, trtllm
@@ -70,14 +70,11 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
     target = target or {"name": "host", "kind": "cpu"}
     with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
         profiler = PROFILERS.get(flow)
-        exporter.emit(dense, Path(tmp), tokenizer_dir, quant=quant, workload=workload,
-                      **getattr(profiler, "EMIT_OPTIONS", {}))
-        if hasattr(exporter, "script"):
-            exporter.script(Path(tmp), target, quant=quant, workload=workload)
-        if getattr(profiler, "TIMES_BUILD", False):  # the profiler times what the build makes
-            built = exporter.build(Path(tmp), target, quant=quant)
-            if built and built.get("skipped") and hasattr(exporter, "script"):
-                raise UserError(f"cannot time {flow}: {built['skipped']}")
+        _, built = write_artifact(exporter, dense, Path(tmp), tokenizer_dir, target, quant=quant, workload=workload,
+                                  build=getattr(profiler, "TIMES_BUILD", False),  # it times what the build makes
+                                  **getattr(profiler, "EMIT_OPTIONS", {}))
+        if built and built.get("skipped"):
+            raise UserError(f"cannot time {flow}: {built['skipped']}")
         return time_artifact(Path(tmp), flow, workload, threads=threads, target=target, **measure_kwargs)
 
 

@@ -66,14 +66,6 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: s
 
 # ---------------------------------------------------------------- the steps that are timed
 
-def prompt_ids(model, workload: Workload, *, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Seeded random token ids, `batch x prompt_len`, within the vocabulary. Random ids cost what
-    text costs: a dense model's work does not depend on which tokens it reads."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    return torch.randint(0, vocab, (workload.batch, workload.prompt_len), generator=g).to(device)
-
-
 def prefill_kwargs(model) -> dict:
     """Keep only the last position's logits in prefill where the model allows it, as generate does."""
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
@@ -139,7 +131,7 @@ def time_workload(model, workload: Workload, *, device: str | torch.device | Non
     if dev.type == "cuda":
         measure_kwargs.setdefault("sync", lambda: torch.cuda.synchronize(dev))
 
-    ids = prompt_ids(model, workload, seed=seed, device=dev)
+    ids = torch.from_numpy(workload.prompt_ids(model.config.vocab_size, seed)).to(dev)
     kwargs = prefill_kwargs(model)
     out: dict[str, Timing] = {}
     with torch.inference_mode():

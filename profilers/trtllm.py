@@ -22,8 +22,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
-
 from amoeba_export.errors import UserError
 from amoeba_export.io import read_json
 
@@ -44,11 +42,6 @@ def unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
     return None
-
-
-def prompt_ids(vocab_size: int, workload: Workload, seed: int = 0) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab_size, workload.prompt_len).tolist() for _ in range(workload.batch)]
 
 
 def engine_runner(engine_dir: Path, ids: list[list[int]]):
@@ -94,7 +87,7 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     path = Path(path)
     config = read_json(path / "config.json")
     metrics, _ = workload.timed(metrics, config.get("max_position_embeddings"), "max_position_embeddings")
-    ids = prompt_ids(config["vocab_size"], workload, seed)
+    ids = workload.prompt_ids(config["vocab_size"], seed).tolist()
     engine = path / "engine"
     run, runtime = (engine_runner(engine, ids) if (engine / "config.json").is_file() else llm_api_runner(path, ids))
     env = environment(threads)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from amoeba_export.errors import UserError
 
 METRICS = ("tpot", "ttft", "e2e")
@@ -50,6 +52,12 @@ class Workload:
             raise UserError(f"workload {self.key()} needs {longest} positions but the model's {limit_name} is "
                             f"{max_positions}: shorten --prompt-len or --gen-len")
         return metrics, longest
+
+    def prompt_ids(self, vocab_size: int, seed: int = 0) -> np.ndarray:
+        """Seeded random token ids, int64 [batch, prompt_len], within the vocabulary: every profiler
+        times the same prompt for the same seed. Random ids cost what text costs: a dense model's work
+        does not depend on which tokens it reads."""
+        return np.random.default_rng(seed).integers(0, vocab_size, (self.batch, self.prompt_len), dtype=np.int64)
 
     def key(self) -> str:
         """Filename-safe name, e.g. ``b1-p128-g64-tpot``."""

@@ -439,7 +439,7 @@ def test_profiler_steps(profiled):
     """TPOT's rewind gives every sample the same state: one token over exactly prompt_len cells,
     computing what a fresh prefill of the prompt plus that token computes at its last position."""
     llm = prof.load_artifact(prof.artifact_file(profiled), 32, 1)
-    ids = prof.prompt_ids(tiny.VOCAB, Workload(prompt_len=10), seed=0)
+    ids = Workload(prompt_len=10).prompt_ids(tiny.VOCAB, seed=0)[0].tolist()
     assert len(ids) == 10 and max(ids) < tiny.VOCAB
     prof.rewind(llm, 0)
     first = prof.prefill(llm, ids)

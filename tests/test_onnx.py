@@ -199,7 +199,7 @@ def test_profiler_steps_are_the_greedy_decode(tiny_gqa, exported):
     """E2E's greedy loop (prefill + decode with the cache) gives the tokens of a cache-free argmax loop."""
     em, shape, _, out = exported(tiny_gqa, "uniform")
     sess, config, _ = onnx_profiler.load_artifact(out, threads=1)
-    ids = onnx_profiler.prompt_ids(config, Workload(2, 6, 5), seed=3)
+    ids = Workload(2, 6, 5).prompt_ids(config["vocab_size"], seed=3)
     got = ox.generate(sess, config, ids, 5)
     seq = torch.from_numpy(ids)
     for _ in range(5):

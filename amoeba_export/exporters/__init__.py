@@ -16,12 +16,24 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
 
 from ..errors import UserError
 from . import gguf, mlc, onnx, pytorch, trtllm
 
 EXPORTERS: dict[str, ModuleType] = {m.NAME: m for m in (pytorch, onnx, gguf, trtllm, mlc)}
+
+
+def write_artifact(exporter: ModuleType, dense, out_dir: Path, tokenizer_dir: Path, target: dict, *,
+                   quant: str | None, workload, build: bool = True, **emit_options) -> tuple[list[str], dict | None]:
+    """emit, the device's build script where the flow has one, and (with `build`) the engine build:
+    what the compile ships and what a profiler times. (files written, the build record or None)."""
+    files = exporter.emit(dense, out_dir, tokenizer_dir, quant=quant, workload=workload, **emit_options)
+    if hasattr(exporter, "script"):  # written whether or not the build runs here
+        files += exporter.script(out_dir, target, quant=quant, workload=workload)
+    built = exporter.build(out_dir, target, quant=quant) if build and hasattr(exporter, "build") else None
+    return files, built
 
 
 def get_exporter(flow: str) -> ModuleType:
