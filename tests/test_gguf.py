@@ -35,10 +35,6 @@ Q8_TOL = 0.1
 FAST = dict(warmup=1, min_repeats=3, max_repeats=5, max_seconds=5.0)
 
 
-def ids_for(n_tokens=40, batch=2, seed=0):
-    return torch.randint(3, tiny.VOCAB, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
-
-
 def export(em, shape, out, quant=None, dtype=None):
     dense = materialize(em, shape, dtype)
     out.mkdir(parents=True)
@@ -69,7 +65,7 @@ def confident_agreement(ref, got, margin):
 def test_f32_matches_reference_uniform_and_per_layer(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
     em = ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
-    ids = ids_for(40)  # > 16 positions: llama3 scaling (original context 16) matters
+    ids = tiny.ids(40)  # > 16 positions: llama3 scaling (original context 16) matters
     archs = set()
     for shape in (em.strategy.space.largest, em.strategy.space.smallest):
         dense = export(em, shape, tmp_path / str(shape))
@@ -115,7 +111,7 @@ def test_llama3_rope_freqs(tiny_llama3, tmp_path, monkeypatch):
     # without the tensor llama.cpp runs plain RoPE and drifts past the original context
     monkeypatch.setattr(gx, "llama3_rope_factors", lambda config, head_dim: None)
     export(em, shape, tmp_path / "without")
-    ids = ids_for(40)
+    ids = tiny.ids(40)
     drift = (gx.load(tmp_path / "without")(ids) - em.logits(ids, shape)).abs().max().item()
     assert drift > 1e-2
 
@@ -145,7 +141,7 @@ def test_unsupported_rope_scaling_is_a_user_error():
 
 def test_f16_within_looser_tolerance(tiny_qwen, tmp_path):
     em = ElasticModel(tiny_qwen, tiny.random_strategy(tiny_qwen, seed=3))
-    ids = ids_for(40)
+    ids = tiny.ids(40)
     for shape in (em.strategy.space.largest, em.strategy.space.smallest):
         ref = em.logits(ids, shape)
         export(em, shape, tmp_path / f"{shape}-q", quant="float16")  # float32 weights written as F16
@@ -169,7 +165,7 @@ def test_q8_0_and_q4_0(tiny_gqa, tmp_path):
     """The full-width tiny shape has every in-feature a multiple of 32 (64, 96)."""
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa, seed=3))
     shape = em.strategy.space.largest
-    ids = ids_for(40)
+    ids = tiny.ids(40)
     ref = em.logits(ids, shape)
     errors = {}
     for quant, ftype, qtype in (("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
@@ -235,7 +231,7 @@ def test_build_kquant_mechanics_on_tiny(tiny_gqa, tmp_path):
     assert field(r, "general.file_type") == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert "F32" in rec["tensor_types"] and set(rec["tensor_types"]) - {"F32"}  # quantised (fallback) types
     assert [p.name for p in (tmp_path / "k").iterdir()] == ["model.gguf"]  # no partial file left
-    ids = ids_for(20)
+    ids = tiny.ids(20)
     assert (gx.load(tmp_path / "k")(ids) - em.logits(ids, shape)).abs().max() < 1.0
     export(em, shape, tmp_path / "k2")
     gx.build(tmp_path / "k2", {"name": "host"}, quant="q4_k_m")

@@ -37,10 +37,6 @@ F16_TOL = 1e-3  # q0f16: NumPy on the fp16 cache vs PyTorch on the fp16-rounded 
 Q4_TOL = 1e-3  # q4f16_1: NumPy on the cache vs PyTorch on the reference-dequantised weights
 
 
-def ids_for(n_tokens=40, batch=2, seed=0):
-    return torch.randint(3, tiny.VOCAB, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
-
-
 def legal(em, shape, quant=None, dtype=None):
     """materialize → legalize for MLC (pads per-layer shapes, drops biases unmeasured)."""
     return legalize(materialize(em, shape, dtype), mlc.CAPS, flow="mlc", quant=quant)[0]
@@ -250,7 +246,7 @@ def test_load_matches_pytorch_on_the_same_weights(fixture, kind, request, tmp_pa
     model_dir = request.getfixturevalue(fixture)
     em = ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
     shape = SHAPES[kind](em)
-    ids = ids_for(40)  # > 16 positions: tiny_llama3's RoPE scaling (original context 16) matters
+    ids = tiny.ids(40)  # > 16 positions: tiny_llama3's RoPE scaling (original context 16) matters
     tol = {"q0f32": F32_TOL, "q0f16": F16_TOL, "q4f16_1": Q4_TOL}
     for quant in tol:
         dense = legal(em, shape, quant)
@@ -280,7 +276,7 @@ def test_q4f32_1_and_the_default_quant(tiny_gqa, tmp_path):
     cache = mlc.read_cache(tmp_path / "q4f32")
     assert cache["model.embed_tokens.q_scale"].dtype == np.float32
     assert cache["model.norm.weight"].dtype == np.float32
-    ids = ids_for(24)
+    ids = tiny.ids(24)
     plain = pytorch.in_memory(dense)(input_ids=ids, use_cache=False).logits.detach()
     got = mlc.load(tmp_path / "q4f32")(ids)
     print(f"\ntiny_gqa q4f32_1: vs unquantised {(got - plain).abs().max().item():.2e}, greedy {agreement(got, plain):.3f}")

@@ -9,12 +9,12 @@ import pytest
 import tiny
 import torch
 from safetensors.torch import save_file
+from test_export_parity import export
 from test_upstream import make_upstream, save_upstream
 
 from amoeba_export.adapter import LoRA, load_adapter
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import pytorch
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import compile_shape
 from amoeba_export.shapes import Shape
@@ -36,21 +36,10 @@ def setup(tiny_gqa):
     return em, smol
 
 
-def ids_for(seed=0, n=24):
-    return torch.randint(3, tiny.VOCAB, (2, n), generator=torch.Generator().manual_seed(seed))
-
-
-def export_logits(em, shape, out):
-    dense = materialize(em, shape)
-    out.mkdir(parents=True)
-    pytorch.emit(dense, out, em.dir)
-    return dense, pytorch.load(out)
-
-
 def check_every_shape(em, tmp_path, what: str) -> float:
-    ids, worst = ids_for(), 0.0
+    ids, worst = tiny.ids(24), 0.0
     for shape in em.strategy.space:
-        _, logits = export_logits(em, shape, tmp_path / str(shape))
+        _, logits = export(em, shape, tmp_path / str(shape))
         diff = (em.logits(ids, shape) - logits(ids)).abs().max().item()
         assert diff < TOL, (shape, diff)
         worst = max(worst, diff)
@@ -68,7 +57,7 @@ def test_smol_export_matches_masked_forward_for_every_shape(setup, tmp_path):
     assert len(chosen) > 1  # the router picks different experts for different shapes
     shape = em.strategy.space.smallest
     plain = ElasticModel(em.dir, em.strategy)
-    assert (plain.logits(ids_for(), shape) - em.logits(ids_for(), shape)).abs().max() > 1e-2  # the adapter matters
+    assert (plain.logits(tiny.ids(24), shape) - em.logits(tiny.ids(24), shape)).abs().max() > 1e-2  # the adapter matters
     assert materialize(em, shape).record["adapter"]["experts"] == smol.gate(shape)[1]
 
 
@@ -205,7 +194,7 @@ def test_peft_lora_every_shape_and_peft_itself(setup, peft_dir, tmp_path):
     assert {p for _, p in lora.deltas} == {"q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"}
     em = ElasticModel(em0.dir, em0.strategy, lora)
     check_every_shape(em, tmp_path, "PEFT LoRA parity")
-    ids, full = ids_for(1), em.strategy.space.largest
+    ids, full = tiny.ids(24, seed=1), em.strategy.space.largest
     diff = (em.logits(ids, full) - peft_logits(em.dir, peft_dir, ids)).abs().max().item()
     print(f"PEFT LoRA: masked forward at {full} vs PeftModel forward: max |Δlogit| = {diff:.2e}")
     assert diff < TOL
@@ -222,7 +211,7 @@ def test_peft_rslora_and_unsupported_features(setup, peft_dir, tmp_path):
     (rs / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
     lora = load_adapter(rs, em0.info)
     assert {d.scale for d in lora.deltas.values()} == {8 / 2}  # alpha / sqrt(r)
-    em, ids = ElasticModel(em0.dir, em0.strategy, lora), ids_for(2)
+    em, ids = ElasticModel(em0.dir, em0.strategy, lora), tiny.ids(24, seed=2)
     assert (em.logits(ids, em.strategy.space.largest) - peft_logits(em.dir, rs, ids)).abs().max() < TOL
     for change, needle in [({"use_dora": True}, "DoRA"), ({"lora_bias": True}, "LoRA biases"),
                            ({"bias": "all"}, "bias='all'"), ({"init_lora_weights": "pissa"}, "rewrote the base weights"),

@@ -51,8 +51,7 @@ def elastic(model_dir) -> ElasticModel:
     return ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
 
 
-def ids_for(n_tokens=24, batch=2, seed=0):  # > 16 positions: the llama3 scaling (original context 16) matters
-    return torch.randint(3, tiny.VOCAB, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
+N_TOKENS = 24  # > 16 positions: the llama3 scaling (original context 16) matters
 
 
 def export(em, shape, out: Path, dtype=None, quant=None):
@@ -78,7 +77,7 @@ def test_checkpoint_matches_reference_for_every_shape(models, name, tmp_path):
     """The must-show figure: the unified checkpoint, read by TensorRT-LLM names, reproduces the
     masked reference for every shape (uniform ones and per-layer ones padded by legalize)."""
     em = elastic(models[name])
-    ids = ids_for()
+    ids = tiny.ids(N_TOKENS)
     worst, per_layer = 0.0, 0
     for shape in em.strategy.space:
         export(em, shape, tmp_path / str(shape))
@@ -99,7 +98,7 @@ def test_hf_directory_is_the_stock_class_and_matches(models, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
     em = elastic(models[name])
-    ids = ids_for()
+    ids = tiny.ids(N_TOKENS)
     worst = 0.0
     for shape in (em.strategy.space.largest, em.strategy.space.smallest):
         export(em, shape, tmp_path / str(shape))
@@ -188,14 +187,14 @@ def test_llama3_rotary_scaling(models, tmp_path):
     assert cfg["rotary_base"] == 500000.0
     cfg["rotary_scaling"] = None
     (tmp_path / "a" / trtllm.CKPT / "config.json").write_text(json.dumps(cfg))
-    ids = ids_for()
+    ids = tiny.ids(N_TOKENS)
     assert (trtllm.load(tmp_path / "a")(ids) - em.logits(ids, shape)).abs().max().item() > 1e-3
 
 
 def test_float16_and_quant_checkpoints_are_float16(models, tmp_path):
     em = elastic(models["mha_qkv_bias_untied"])
     shape = em.strategy.space.smallest
-    ids = ids_for()
+    ids = tiny.ids(N_TOKENS)
     ref = em.logits(ids, shape)
     export(em, shape, tmp_path / "f16", dtype="float16")
     export(em, shape, tmp_path / "awq", quant="int4_awq")  # float32 dense: the HF directory stays float32

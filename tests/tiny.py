@@ -76,6 +76,11 @@ def random_strategy(model_dir: Path, widths=(1.0, 0.75, 0.5), seed=0, min_depth=
     return Strategy(model=info, depths=depths, widths=plans, meta={"source": "random (tests)"})
 
 
+def ids(n_tokens: int = 40, batch: int = 2, seed: int = 0):
+    """Seeded token ids [batch, n_tokens] above the special tokens (3..VOCAB-1)."""
+    return torch.randint(3, VOCAB, (batch, n_tokens), generator=torch.Generator().manual_seed(seed))
+
+
 def strategy_with_accuracy(model_dir: Path, sdir: Path, seed: int = 0) -> Strategy:
     """Save a random strategy into `sdir` with a monotone accuracy table beside it (more layers and
     width score better), so a budgeted compile searches without scoring."""
