@@ -130,6 +130,11 @@ def resolve_adapter_dir(path: str | Path) -> Path:
         raise UserError(f"adapter {path} does not exist" if not path.exists() else f"adapter {path} is not a directory")
     if (path / "adapter.json").is_file():
         return path
+    if (path / "adapter" / "adapter.json").is_file():  # an `amoeba-export train` run directory
+        return path / "adapter"
+    ours = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "adapter" / "adapter.json").is_file()]
+    if ours:  # a run stopped before its end: its newest checkpoint
+        return max(ours, key=lambda p: int(p.name.split("-")[1])) / "adapter"
     for candidate in (path / "adapter_model", path):  # upstream's checkpoint-N layout first, then PEFT's
         if (candidate / "adapter_config.json").is_file():
             return candidate

@@ -346,6 +346,74 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 
 
 @cli.command()
+@MODEL
+@STRATEGY
+@click.option("--out", required=True, metavar="DIR", help="Run directory: checkpoints, adapter/, train_log.jsonl, eval.json.")
+@click.option("--data", default="instruct", show_default=True,
+              help="Instruction pairs: instruct (= gsm8k,math,mbpp,squad, bundled) and/or Alpaca .jsonl/.json files, comma-separated.")
+@click.option("--steps", type=int, default=10000, show_default=True, help="Optimizer steps.")
+@click.option("--batch", type=int, default=2, show_default=True, help="Packed rows per micro-batch per process.")
+@click.option("--grad-accum", type=int, default=4, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--max-grad-norm", type=float, default=0.3, show_default=True)
+@click.option("--adapter-kind", "kind", type=click.Choice(["smol", "lora"]), default="smol", show_default=True,
+              help="smol: mixture of LoRA experts routed by shape; lora: one plain LoRA for every shape (the ablation).")
+@click.option("--rank", type=int, default=64, show_default=True)
+@click.option("--alpha", type=float, default=16.0, show_default=True)
+@click.option("--experts", type=int, default=5, show_default=True)
+@click.option("--top-k", type=int, default=2, show_default=True)
+@click.option("--targets", "target_projs", default="q,k,v,o,gate,up,down", show_default=True,
+              help="Adapted projections.")
+@click.option("--random-subnets", type=int, default=2, show_default=True, help="Random shapes between the largest and smallest.")
+@click.option("--no-balancing", is_flag=True, help="Turn loss-magnitude balancing off (the ablation).")
+@click.option("--schedule", type=click.Choice(["sandwich", "mlfs"]), default="sandwich", show_default=True,
+              help="mlfs: release shapes to training in stages, largest first (multistage low-rank fine-tuning).")
+@click.option("--stages", type=int, default=3, show_default=True, help="MLFS stages.")
+@click.option("--heldout", "heldout_fraction", type=float, default=0.02, show_default=True, help="Fraction of pairs held out.")
+@click.option("--eval-pairs", type=int, default=32, show_default=True,
+              help="Held-out pairs every shape is scored on before and after training (0: none).")
+@click.option("--save-every", type=int, default=100, show_default=True)
+@click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept.")
+@click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--threads", type=int, default=None, help="CPU threads (default: torch's).")
+def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr, max_grad_norm, kind, rank, alpha, experts,
+          top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, save_every, keep,
+          max_minutes, resume, seed, threads):
+    """Stage-2 one-for-all fine-tuning: SMOL adapters, sandwich sampling, in-place distillation with
+    loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
+    import torch
+
+    from trainer.loop import TrainConfig
+    from trainer.loop import train as run
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1 (got {threads})")
+        torch.set_num_threads(threads)
+    projs = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip())
+    cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, seq_len=seq_len, batch=batch,
+                      grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm, random_subnets=random_subnets,
+                      balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha, experts=experts, top_k=top_k,
+                      targets=projs, schedule=schedule, stages=stages, seed=seed, save_every=save_every, keep=keep,
+                      max_minutes=max_minutes)
+    report = run(model, strategy_dir, cfg, Path(out), resume=resume)
+    before, after = report.get("before", {}), report.get("after", {})
+    if before and after:
+        rows = [{"shape": s, "ppl before": f"{before[s]:.2f}", "ppl after": f"{after[s]:.2f}",
+                 "change": f"{after[s] / before[s] - 1:+.1%}"} for s in before if s in after]
+        click.echo(table(rows, ["shape", "ppl before", "ppl after", "change"]))
+        better = sum(after[s] < before[s] for s in before if s in after)
+        click.echo(f"held-out perplexity improved for {better} of {len(rows)} shapes "
+                   f"({report['eval']['target_tokens']} response tokens of {report['eval']['pairs']} held-out pairs)")
+    click.echo(f"{report['steps']} steps, {report['seconds_per_step']:.2f} s per step"
+               + (" (stopped at --max-minutes)" if report.get("stopped_early") else ""))
+    click.echo(f"wrote {out}/adapter: export with --adapter {out}")
+
+
+@cli.command()
 @click.argument("npy", type=click.Path())
 @MODEL
 @click.option("--out", required=True, metavar="DIR")

@@ -138,6 +138,7 @@ class ElasticModel:
         blocks = model.model.layers
         kept = list(range(len(blocks))) if layers is None else list(layers)
         head_dim = self.info["head_dim"]
+        device = model.lm_head.weight.device  # masks and biases live beside the weights (a GPU when training there)
         hooks = []
 
         def premask(mask):
@@ -154,12 +155,12 @@ class ElasticModel:
                 block = blocks[i]
                 if width is not None:
                     lw = width[i]
-                    heads = torch.from_numpy(np.repeat(lw.q_heads, head_dim).astype(np.float32))
-                    chans = torch.from_numpy(lw.channels.astype(np.float32))
+                    heads = torch.from_numpy(np.repeat(lw.q_heads, head_dim).astype(np.float32)).to(device)
+                    chans = torch.from_numpy(lw.channels.astype(np.float32)).to(device)
                     o, down = block.self_attn.o_proj, block.mlp.down_proj
                     hooks += [o.register_forward_pre_hook(premask(heads)), down.register_forward_pre_hook(premask(chans))]
-                    hooks += [o.register_forward_hook(add(torch.from_numpy(lw.o_bias))),
-                              down.register_forward_hook(add(torch.from_numpy(lw.down_bias)))]
+                    hooks += [o.register_forward_hook(add(torch.from_numpy(lw.o_bias).to(device))),
+                              down.register_forward_hook(add(torch.from_numpy(lw.down_bias).to(device)))]
                 if self.adapter is not None and shape is not None:
                     for proj in PROJECTIONS:
                         delta = self.adapter.delta(shape, i, proj)
