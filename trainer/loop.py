@@ -48,6 +48,7 @@ class TrainConfig:
     data: str = "instruct"
     heldout_fraction: float = 0.02
     eval_pairs: int = 32  # held-out pairs every shape is scored on (0: no evaluation)
+    eval_before: bool = True  # score the stage-1 model too (identical for every run of one strategy and data)
     seq_len: int = 512
     batch: int = 2  # rows per micro-batch per process
     grad_accum: int = 4
@@ -73,7 +74,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     # settings a resumed run may change; every other one must match the checkpoint's
-    RESUMABLE = ("steps", "save_every", "keep", "max_minutes", "eval_pairs")
+    RESUMABLE = ("steps", "save_every", "keep", "max_minutes", "eval_pairs", "eval_before")
 
     def check(self) -> None:
         if self.adapter not in ("smol", "lora"):
@@ -129,7 +130,7 @@ def _resume_from(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
 
 def _micro_rows(step: int, micro: int, cfg: TrainConfig, n_rows: int, rank: int, world: int) -> np.ndarray:
     """Row indices of one micro-batch: a seeded permutation per epoch, walked in order."""
-    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch
+    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch  # = (step, micro * world + rank) of one process
     out = []
     for i in range(first, first + cfg.batch):
         epoch, at = divmod(i, n_rows)
@@ -221,7 +222,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
         if main:
             write_json(out / "eval.json", report)
 
-    if "before" not in report:
+    if "before" not in report and cfg.eval_before:
         run_eval("before")
 
     def save(step: int):
@@ -276,7 +277,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
                        "train_windows": len(train_pack), "train_pairs": len(train_pairs), "heldout_pairs": len(held)})
         write_json(out / "eval.json", report)
     accelerator.wait_for_everyone()
-    return report
+    return report if main else {}  # only the main process reports
 
 
 def _params(elastic: ElasticModel, shape: Shape) -> int:
@@ -292,8 +293,11 @@ def _step(net, optimizer, accelerator, packed, shapes, params, cfg: TrainConfig,
     for micro in range(cfg.grad_accum):
         rows = _device_rows(packed, _micro_rows(step, micro, cfg, len(packed), accelerator.process_index,
                                                 accelerator.num_processes), accelerator.device)
-        sandwich = distill.sandwich(pool, cfg.random_subnets, np.random.default_rng([cfg.seed, step, micro, 1]))
-        noise = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, micro, 2]).integers(2**62)))
+        # seeded by the micro-batch's index in the whole step, so N processes draw what one process
+        # accumulating N micro-batches draws (the two runs are the same computation; tested)
+        index = micro * accelerator.num_processes + accelerator.process_index
+        sandwich = distill.sandwich(pool, cfg.random_subnets, np.random.default_rng([cfg.seed, step, index, 1]))
+        noise = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, index, 2]).integers(2**62)))
         drawn.append(sandwich)
         raw, teacher, reference = [], None, None
         for i, shape in enumerate(sandwich):
