@@ -397,11 +397,10 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
         torch.set_num_threads(threads)
     projs = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip())
     cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, eval_before=eval_before,
-                      seq_len=seq_len, batch=batch,
-                      grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm, random_subnets=random_subnets,
-                      balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha, experts=experts, top_k=top_k,
-                      targets=projs, schedule=schedule, stages=stages, seed=seed, save_every=save_every, keep=keep,
-                      max_minutes=max_minutes)
+                      seq_len=seq_len, batch=batch, grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm,
+                      random_subnets=random_subnets, balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha,
+                      experts=experts, top_k=top_k, targets=projs, schedule=schedule, stages=stages, seed=seed,
+                      save_every=save_every, keep=keep, max_minutes=max_minutes)
     report = run(model, strategy_dir, cfg, Path(out), resume=resume)
     if not report:  # not the main process of a multi-process run
         return

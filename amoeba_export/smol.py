@@ -344,18 +344,19 @@ class SMOL(Adapter):
         """The training start (method.md §5): every A Kaiming-uniform, every B zero (so the adapted
         model starts as the stage-1 model exactly), the router's three linears with PyTorch's
         default Linear init."""
-        torch.manual_seed(seed)
         L, n_in = info["n_layers"], info["n_layers"] + len(width_choice)
-        w1, w2, noise = torch.nn.Linear(n_in, router_hidden), torch.nn.Linear(router_hidden, n_experts), torch.nn.Linear(n_in, n_experts)
-        router = {"w1": w1.weight, "b1": w1.bias, "w2": w2.weight, "b2": w2.bias, "noise_w": noise.weight, "noise_b": noise.bias}
         experts = {}
-        for layer in range(L):
-            for proj in targets:
-                out_f, in_f = projection_shape(info, proj)
-                A = torch.empty(n_experts, r, in_f)
-                for a in A:
-                    torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # what PEFT gives lora_A
-                experts[(layer, proj)] = (A, torch.zeros(n_experts, out_f, r))
+        with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
+            torch.manual_seed(seed)
+            w1, w2, noise = torch.nn.Linear(n_in, router_hidden), torch.nn.Linear(router_hidden, n_experts), torch.nn.Linear(n_in, n_experts)
+            router = {"w1": w1.weight, "b1": w1.bias, "w2": w2.weight, "b2": w2.bias, "noise_w": noise.weight, "noise_b": noise.bias}
+            for layer in range(L):
+                for proj in targets:
+                    out_f, in_f = projection_shape(info, proj)
+                    A = torch.empty(n_experts, r, in_f)
+                    for a in A:
+                        torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # what PEFT gives lora_A
+                    experts[(layer, proj)] = (A, torch.zeros(n_experts, out_f, r))
         return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=L, width_choice=[float(w) for w in width_choice],
                    router={k: v.detach().clone() for k, v in router.items()}, experts=experts,
                    model={k: info[k] for k in MODEL_KEYS}, meta={"source": f"init (seed {seed})"})

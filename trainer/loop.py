@@ -25,7 +25,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +71,6 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 2
     max_minutes: float | None = None  # stop early (with a checkpoint) after this much training time
-    extra: dict = field(default_factory=dict)
 
     # settings a resumed run may change; every other one must match the checkpoint's
     RESUMABLE = ("steps", "save_every", "keep", "max_minutes", "eval_pairs", "eval_before")
@@ -214,7 +213,6 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     def run_eval(label: str):
         if eval_pack is None:
             return
-        inner.eval()
         ppl = evaluate(net, eval_pack, shapes, accelerator, progress=progress and main)
         report[label] = {str(s): v for s, v in ppl.items()}
         report["eval"] = {"pairs": min(cfg.eval_pairs, len(held)), "windows": len(eval_pack),
@@ -242,7 +240,6 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     with (log_path.open("a") if main else contextlib.nullcontext()) as log:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            inner.train()
             losses, drawn = _step(net, optimizer, accelerator, train_pack, shapes, params, cfg, step)
             grad_norm = accelerator.clip_grad_norm_(inner.mixture.parameters(), cfg.max_grad_norm)
             optimizer.step()

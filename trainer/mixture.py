@@ -81,7 +81,7 @@ class Supernet(nn.Module):
         super().__init__()
         if elastic.adapter is not None:
             raise ValueError("train on the model without an adapter attached")
-        self.base = elastic.hf_model()
+        self.base = elastic.hf_model()  # in eval mode, and kept there: no dropout in the frozen base
         self.base.requires_grad_(False)
         self.mixture = mixture
         self._elastic = elastic
