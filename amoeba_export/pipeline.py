@@ -22,6 +22,12 @@ from .shapes import Shape
 
 VERIFY_TEXT = "The capital of France is Paris. Deployment engineers compile one elastic model for many devices."
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # verify's max |logit difference| by dtype
+# With an adapter merged the artifact holds W + s·B·A rounded to fp32, while the reference adds
+# s·B(Ax) unmerged: the two round differently. On SmolLM2-135M at 24x0.75 with a trained SMOL
+# (logits up to 35) the export is 1.7e-4 from the fp32 reference, 1.75e-4 from a float64 one,
+# and the fp32 reference is itself 8.5e-5 from the float64 one. A wrong gate or merge moves
+# logits by whole units, so 1e-3 still catches it.
+ADAPTER_FP32_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -141,6 +147,8 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             # a quantised artifact has no logit tolerance: its greedy-token agreement is the figure
             limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
             parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
+            if elastic.adapter is not None and quant is None and dense.dtype == torch.float32:
+                parity["tolerance"] = max(parity["tolerance"], ADAPTER_FP32_TOLERANCE)
             if parity["greedy_token_agreement"] < 0.9:
                 parity["warning"] = (f"{quant or dense.dtype} changes {1 - parity['greedy_token_agreement']:.0%} of the "
                                      f"greedy tokens on the verify prompt against the masked reference; the accuracy "

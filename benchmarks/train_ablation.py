@@ -61,7 +61,7 @@ def report(out: Path) -> None:
         change = [after[s] / before[s] - 1 for s in before]
         better = sum(c < 0 for c in change)
         print(f"{n:>13}: improved {better}/{len(change)} shapes ({better / len(change):.0%}), median change "
-              f"{statistics.median(change):+.1%}, largest {min(change):+.1%}, smallest {max(change):+.1%}; "
+              f"{statistics.median(change):+.1%}, best {min(change):+.1%}, worst {max(change):+.1%}; "
               f"{docs[n]['steps']} steps, {docs[n]['seconds_per_step']:.1f} s/step "
               f"({docs[n]['config']['batch']} x {docs[n]['config']['seq_len']} tokens x "
               f"{docs[n]['config']['grad_accum']} per step)")
