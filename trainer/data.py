@@ -107,8 +107,9 @@ def _read_txt(p: Path) -> list[str]:
     return [para.strip() for para in re.split(r"\n[ \t]*\n", text) if para.strip()]
 
 
-def _read_jsonl(p: Path) -> list[str]:
-    out = []
+def jsonl_objects(p: Path):
+    """(line number, object) of every non-blank line of a JSON Lines file; a line that is not a
+    JSON object is a UserError naming it."""
     with p.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -121,16 +122,22 @@ def _read_jsonl(p: Path) -> list[str]:
             if not isinstance(obj, dict):
                 raise UserError(f"{p} line {lineno}: expected a JSON object, got "
                                 f"{type(obj).__name__}; write one object per line")
-            if isinstance(obj.get("text"), str):
-                text = obj["text"]
-            elif any(isinstance(obj.get(k), str) for k in ("instruction", "input", "output")):
-                text = "\n\n".join(str(obj[k]) for k in ("instruction", "input", "output")
-                                   if isinstance(obj.get(k), str) and obj[k].strip())
-            else:
-                raise UserError(f"{p} line {lineno}: no \"text\" field and no Alpaca "
-                                "\"instruction\"/\"input\"/\"output\" fields; add one")
-            if text.strip():
-                out.append(text)
+            yield lineno, obj
+
+
+def _read_jsonl(p: Path) -> list[str]:
+    out = []
+    for lineno, obj in jsonl_objects(p):
+        if isinstance(obj.get("text"), str):
+            text = obj["text"]
+        elif any(isinstance(obj.get(k), str) for k in ("instruction", "input", "output")):
+            text = "\n\n".join(str(obj[k]) for k in ("instruction", "input", "output")
+                               if isinstance(obj.get(k), str) and obj[k].strip())
+        else:
+            raise UserError(f"{p} line {lineno}: no \"text\" field and no Alpaca "
+                            "\"instruction\"/\"input\"/\"output\" fields; add one")
+        if text.strip():
+            out.append(text)
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 
 from amoeba_export.errors import UserError
 
-from .data import read_oe_requests
+from .data import jsonl_objects, read_oe_requests
 
 BUNDLED = ("gsm8k", "math", "mbpp", "squad")
 MATH_SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
@@ -121,26 +121,18 @@ def read_alpaca(path: Path) -> list[Pair]:
     if not path.is_file():
         raise UserError(f"instruction file {path} not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+            if not isinstance(doc, list):
+                raise UserError(f"{path}: expected a JSON list of Alpaca records")
+            pairs = [_alpaca(obj, f"{path} record {i}") for i, obj in enumerate(doc)]
+        else:
+            pairs = [_alpaca(obj, f"{path} line {lineno}") for lineno, obj in jsonl_objects(path)]
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
-    pairs = []
-    if path.suffix.lower() == ".json":
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(doc, list):
-            raise UserError(f"{path}: expected a JSON list of Alpaca records")
-        pairs = [_alpaca(obj, f"{path} record {i}") for i, obj in enumerate(doc)]
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path} line {lineno}: malformed JSON ({e.msg})") from None
-                pairs.append(_alpaca(obj, f"{path} line {lineno}"))
     pairs = [p for p in pairs if p.response]
     if not pairs:
         raise UserError(f"{path} holds no record with a non-empty \"output\"")
@@ -231,7 +223,7 @@ def pack(tokenizer, pairs: list[Pair], seq_len: int) -> Packed:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise UserError("the tokenizer has neither a pad nor an end-of-sequence token")
-    windows, current, truncated = [], [], 0
+    windows, current, used, truncated = [], [], 0, 0
 
     def close():
         ids = np.full(seq_len, pad, dtype=np.int64)
@@ -255,10 +247,11 @@ def pack(tokenizer, pairs: list[Pair], seq_len: int) -> Packed:
             truncated += 1
             r = r[:max(seq_len - len(p), seq_len // 2)]
             p = p[max(0, len(p) - (seq_len - len(r))):]
-        if current and sum(len(a) + len(b) for a, b in current) + len(p) + len(r) > seq_len:
+        if current and used + len(p) + len(r) > seq_len:
             close()
-            current = []
+            current, used = [], 0
         current.append((list(p), list(r)))
+        used += len(p) + len(r)
     if current:
         close()
     if not windows:
