@@ -112,6 +112,13 @@ def _chosen(experts: Mapping[Key, tuple[torch.Tensor, torch.Tensor]], key: Key, 
     return A[chosen].float(), B[chosen].float()
 
 
+def affine_router(R: Mapping[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z = W2(W1 x + b1) + b2, softplus(Wn x + bn)): the noise-free logits and the scale of the
+    training noise, in the dtype of `R` and `x` (differentiable: the trainer calls it on parameters)."""
+    z = F.linear(F.linear(x, R["w1"], R["b1"]), R["w2"], R["b2"])
+    return z, F.softplus(F.linear(x, R["noise_w"], R["noise_b"]))
+
+
 @dataclass(eq=False)
 class SMOL(Adapter):
     r: int
@@ -194,10 +201,7 @@ class SMOL(Adapter):
         tensors' memory alignment (an adapter in memory vs the same one read back from disk), and
         the gate must be a pure function of the adapter file: it selects experts and its float32
         value is merged into the exported weights."""
-        R = {k: v.double() for k, v in self.router.items()}
-        x = x.double()
-        z = F.linear(F.linear(x, R["w1"], R["b1"]), R["w2"], R["b2"])
-        return z, F.softplus(F.linear(x, R["noise_w"], R["noise_b"]))
+        return affine_router({k: v.double() for k, v in self.router.items()}, x.double())
 
     def gate_for(self, layers: list[int], width: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
         """(g [E] float32 with top_k non-zeros summing to 1, the selected experts by decreasing logit).
@@ -344,22 +348,20 @@ class SMOL(Adapter):
         """The training start (method.md §5): every A Kaiming-uniform, every B zero (so the adapted
         model starts as the stage-1 model exactly), the router's three linears with PyTorch's
         default Linear init."""
-        L, n_in = info["n_layers"], info["n_layers"] + len(width_choice)
-        experts = {}
+        n_in = info["n_layers"] + len(width_choice)
+
+        def factors(out_f: int, in_f: int):
+            A = torch.empty(n_experts, r, in_f)
+            for a in A:
+                torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # what PEFT gives lora_A
+            return A, torch.zeros(n_experts, out_f, r)
+
         with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
             torch.manual_seed(seed)
             w1, w2, noise = torch.nn.Linear(n_in, router_hidden), torch.nn.Linear(router_hidden, n_experts), torch.nn.Linear(n_in, n_experts)
             router = {"w1": w1.weight, "b1": w1.bias, "w2": w2.weight, "b2": w2.bias, "noise_w": noise.weight, "noise_b": noise.bias}
-            for layer in range(L):
-                for proj in targets:
-                    out_f, in_f = projection_shape(info, proj)
-                    A = torch.empty(n_experts, r, in_f)
-                    for a in A:
-                        torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # what PEFT gives lora_A
-                    experts[(layer, proj)] = (A, torch.zeros(n_experts, out_f, r))
-        return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=L, width_choice=[float(w) for w in width_choice],
-                   router={k: v.detach().clone() for k, v in router.items()}, experts=experts,
-                   model={k: info[k] for k in MODEL_KEYS}, meta={"source": f"init (seed {seed})"})
+            return cls._build(info, width_choice, r, alpha, top_k, targets, {k: v.detach().clone() for k, v in router.items()},
+                              factors, f"init (seed {seed})")
 
     @classmethod
     def random(cls, info: dict, width_choice, *, r: int = 4, alpha: float = 8.0, n_experts: int = 3, top_k: int = 2,
@@ -367,14 +369,19 @@ class SMOL(Adapter):
         """Random experts with non-zero B (unlike the training init) and a random router, so the
         gates differ between shapes and every merge visibly changes the model."""
         g = torch.Generator().manual_seed(seed)
-        L, n_in, E = info["n_layers"], info["n_layers"] + len(width_choice), n_experts
+        n_in, E = info["n_layers"] + len(width_choice), n_experts
         rand = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
         router = {"w1": rand(router_hidden, n_in), "b1": rand(router_hidden), "w2": rand(E, router_hidden, scale=0.5),
                   "b2": rand(E), "noise_w": rand(E, n_in, scale=0.3), "noise_b": rand(E, scale=0.3)}
-        experts = {}
-        for layer in range(L):
-            for proj in targets:
-                out_f, in_f = projection_shape(info, proj)
-                experts[(layer, proj)] = (rand(E, r, in_f, scale=std), rand(E, out_f, r, scale=std))
-        return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=L, width_choice=[float(w) for w in width_choice],
-                   router=router, experts=experts, model={k: info[k] for k in MODEL_KEYS}, meta={"source": f"random (seed {seed})"})
+        return cls._build(info, width_choice, r, alpha, top_k, targets, router,
+                          lambda out_f, in_f: (rand(E, r, in_f, scale=std), rand(E, out_f, r, scale=std)), f"random (seed {seed})")
+
+    @classmethod
+    def _build(cls, info: dict, width_choice, r: int, alpha: float, top_k: int, targets, router: dict, factors,
+               source: str) -> "SMOL":
+        """A SMOL for the model `info` whose experts come from `factors(out_features, in_features)`,
+        called layer by layer, projection by projection."""
+        experts = {(layer, proj): factors(*projection_shape(info, proj)) for layer in range(info["n_layers"]) for proj in targets}
+        return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=info["n_layers"],
+                   width_choice=[float(w) for w in width_choice], router=router, experts=experts,
+                   model={k: info[k] for k in MODEL_KEYS}, meta={"source": source})

@@ -19,13 +19,12 @@ recomputation (gradient checkpointing), which replays the forward during backwar
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from amoeba_export.adapter import weight_name
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.shapes import Shape
-from amoeba_export.smol import ROUTER, SMOL
+from amoeba_export.smol import ROUTER, SMOL, affine_router
 
 
 def _name(key) -> str:
@@ -48,12 +47,9 @@ class Mixture(nn.Module):
     def route(self, shape: Shape, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights of the selected experts, their indices): differentiable in the router."""
         spec = self.spec
-        R = self.router
-        x = spec.router_input(spec.kept_layers(shape), shape.width).to(R["w1"].device)
-        z = F.linear(F.linear(x, R["w1"], R["b1"]), R["w2"], R["b2"])
+        z, noise = affine_router(self.router, spec.router_input(spec.kept_layers(shape), shape.width).to(self.router["w1"].device))
         if generator is not None:
-            eps = torch.randn(z.shape, generator=generator).to(z.device)
-            z = z + eps * F.softplus(F.linear(x, R["noise_w"], R["noise_b"]))
+            z = z + torch.randn(z.shape, generator=generator).to(z.device) * noise
         top = torch.topk(z, spec.top_k)
         return torch.softmax(top.values, dim=0), top.indices
 
@@ -63,15 +59,13 @@ class Mixture(nn.Module):
         return torch.einsum("k,kri->ri", g, A[chosen]), torch.einsum("k,kor->or", g, B[chosen])
 
     def to_smol(self, meta: dict | None = None) -> SMOL:
-        """The current parameters as a SMOL adapter (CPU, detached), bound like the spec."""
+        """The current parameters as a SMOL adapter (CPU, detached; attaching it to a model binds it)."""
         spec = self.spec
-        smol = SMOL(r=spec.r, alpha=spec.alpha, scale=spec.scale, top_k=spec.top_k, n_layers=spec.n_layers,
+        return SMOL(r=spec.r, alpha=spec.alpha, scale=spec.scale, top_k=spec.top_k, n_layers=spec.n_layers,
                     width_choice=list(spec.width_choice), router={k: v.detach().cpu().clone() for k, v in self.router.items()},
                     experts={key: (self.A[_name(key)].detach().cpu().clone(), self.B[_name(key)].detach().cpu().clone())
                              for key in self.keys},
                     model=dict(spec.model), meta={**spec.meta, **(meta or {})})
-        smol._depths = spec._depths
-        return smol
 
 
 class Supernet(nn.Module):
