@@ -58,21 +58,6 @@ def engine_line(e: dict) -> str:
     return f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else "")
 
 
-def load_elastic(model, strategy_dir, adapter_path=None):
-    """The ElasticModel with its strategy and, when given, the adapter (checked against the model)."""
-    from .elastic import ElasticModel
-    from .strategy import Strategy, locate
-
-    elastic = ElasticModel(model)
-    sdir = locate(elastic.info, strategy_dir)
-    elastic.use_strategy(Strategy.load(sdir))
-    if adapter_path is not None:
-        from .adapter import load_adapter
-
-        elastic.adapter = load_adapter(adapter_path, elastic.info)
-    return elastic, sdir
-
-
 WORKLOAD = [
     click.option("--metric", type=click.Choice(["tpot", "ttft", "e2e"]), default="tpot", show_default=True,
                  help="What --budget bounds: time per output token, time to first token, or the whole request."),
@@ -132,6 +117,7 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     from targets import load_target
 
     from .adapter import resolve_adapter_dir
+    from .elastic import load_elastic
     from .exporters import get_exporter
     from .search import parse_bytes, parse_time
 
@@ -224,10 +210,10 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
     from profilers.profile import profile_table
     from profilers.workload import Workload
 
-    from .search import format_time
-
+    from .elastic import load_elastic
     from .exporters import get_exporter
     from .pipeline import legal_plans
+    from .search import format_time
 
     get_exporter(flow)
     tgt = load_target(target)
@@ -253,6 +239,7 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
 def shapes(model, strategy_dir, as_json, dtype):
     """List every shape with its per-layer sizes, parameters and bytes."""
+    from .elastic import load_elastic
     from .materialize import materialize
 
     elastic, _ = load_elastic(model, strategy_dir)
@@ -330,6 +317,7 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
     """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy
     (one table per adapter: its fingerprint is in the file name)."""
     from .adapter import adapter_fingerprint, resolve_adapter_dir
+    from .elastic import load_elastic
     from .score import EvalConfig, default_path, score_shapes
 
     given = {"heldout": heldout, "ppl_windows": windows, "seq_len": seq_len, "mc_limit": mc_limit, "seed": seed,
@@ -388,13 +376,12 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
     loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
     import torch
 
+    from profilers.timing import resolve_threads
     from trainer.loop import TrainConfig
     from trainer.loop import train as run
 
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1 (got {threads})")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(resolve_threads(threads))
     projs = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip())
     cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, eval_before=eval_before,
                       seq_len=seq_len, batch=batch, grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm,
@@ -474,6 +461,7 @@ def import_checkpoint(checkpoint, npy, model, out, width_choice):
 def matrix(matrix_file, dist, runner, only, no_build, no_verify, model, strategy_dir, as_json):
     """Build a list of (target, flow, budget) artifacts into a dist folder, with a summary table."""
     from . import matrix as mx
+    from .elastic import load_elastic
 
     rows, file_dist = mx.load(Path(matrix_file))
     if runner is not None:

@@ -186,3 +186,18 @@ class ElasticModel:
     def logits_fn(self, shape: Shape | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda ids: self.logits(ids, shape)
 
+
+
+def load_elastic(model=None, strategy_dir=None, adapter_path=None) -> tuple[ElasticModel, Path]:
+    """(the ElasticModel with its strategy and, when given, the adapter checked against the model,
+    the strategy's directory): the model as every command opens it."""
+    from .strategy import Strategy, locate
+
+    elastic = ElasticModel(model)
+    sdir = locate(elastic.info, strategy_dir)
+    elastic.use_strategy(Strategy.load(sdir))
+    if adapter_path is not None:
+        from .adapter import load_adapter
+
+        elastic.adapter = load_adapter(adapter_path, elastic.info)
+    return elastic, sdir

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--strategy", default=None)
     args = ap.parse_args()
 
-    from amoeba_export.cli import load_elastic
+    from amoeba_export.elastic import load_elastic
     from amoeba_export.pipeline import legal_plans, memory_bytes
     from amoeba_export.search import format_time
     from profilers.profile import measure_shape

@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)")
     args = ap.parse_args()
 
-    from amoeba_export.cli import load_elastic
+    from amoeba_export.elastic import load_elastic
     from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time, search
     from profilers.profile import measure_shape

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -32,12 +33,12 @@ import numpy as np
 import torch
 
 from amoeba_export.adapter import PROJECTIONS
-from amoeba_export.elastic import ElasticModel
+from amoeba_export.elastic import load_elastic
 from amoeba_export.errors import UserError
 from amoeba_export.io import atomic_dir, read_json, write_json
 from amoeba_export.shapes import Shape
+from amoeba_export.materialize import materialize
 from amoeba_export.smol import SMOL
-from amoeba_export.strategy import Strategy, locate
 
 from . import distill, instruct
 from .mixture import Mixture, Supernet
@@ -92,7 +93,7 @@ class TrainConfig:
             raise UserError(f"--lr must be positive (got {self.lr})")
 
     @property
-    def shape_of_adapter(self) -> tuple[int, int]:
+    def experts_top_k(self) -> tuple[int, int]:
         """(experts, top_k): a plain LoRA is one expert that is always selected."""
         return (1, 1) if self.adapter == "lora" else (self.experts, self.top_k)
 
@@ -127,14 +128,15 @@ def _resume_from(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
     return ckpt
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n_rows: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
 def _micro_rows(step: int, micro: int, cfg: TrainConfig, n_rows: int, rank: int, world: int) -> np.ndarray:
     """Row indices of one micro-batch: a seeded permutation per epoch, walked in order."""
     first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch  # = (step, micro * world + rank) of one process
-    out = []
-    for i in range(first, first + cfg.batch):
-        epoch, at = divmod(i, n_rows)
-        out.append(np.random.default_rng([cfg.seed, epoch]).permutation(n_rows)[at])
-    return np.array(out)
+    return np.array([_epoch_order(cfg.seed, i // n_rows, n_rows)[i % n_rows] for i in range(first, first + cfg.batch)])
 
 
 def _device_rows(packed: instruct.Packed, index, device) -> dict[str, torch.Tensor]:
@@ -174,9 +176,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
 
-    elastic = ElasticModel(model)
-    sdir = locate(elastic.info, strategy_dir)
-    elastic.use_strategy(Strategy.load(sdir))
+    elastic, sdir = load_elastic(model, strategy_dir)
     strategy = elastic.strategy
     tokenizer = elastic.tokenizer()
     train_pairs, held = instruct.split(instruct.load_pairs(cfg.data), cfg.heldout_fraction)
@@ -187,7 +187,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     if ckpt is not None:
         smol = SMOL.load(ckpt / "adapter")
     else:
-        n_experts, top_k = cfg.shape_of_adapter
+        n_experts, top_k = cfg.experts_top_k
         smol = SMOL.init(elastic.info, widths, r=cfg.rank, alpha=cfg.alpha, n_experts=n_experts, top_k=top_k,
                          targets=cfg.targets, router_hidden=cfg.router_hidden, seed=cfg.seed)
     mixture = Mixture(smol)
@@ -199,7 +199,8 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     inner: Supernet = accelerator.unwrap_model(net)
 
     shapes = list(strategy.space)
-    params = {s: _params(elastic, s) for s in shapes}
+    # MLFS releases shapes by parameter count (from tensor sizes: nothing is read)
+    params = {s: materialize(elastic, s).parameters() for s in shapes} if cfg.schedule == "mlfs" else {}
     state = read_json(ckpt / "trainer_state.json") if ckpt is not None else {"step": 0, "elapsed": 0.0}
     start, elapsed = int(state["step"]), float(state["elapsed"])
     report = read_json(out / "eval.json") if ckpt is not None and (out / "eval.json").is_file() else {}
@@ -275,12 +276,6 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
         write_json(out / "eval.json", report)
     accelerator.wait_for_everyone()
     return report if main else {}  # only the main process reports
-
-
-def _params(elastic: ElasticModel, shape: Shape) -> int:
-    from amoeba_export.materialize import materialize
-
-    return materialize(elastic, shape).parameters()  # from the tensor sizes: nothing is read
 
 
 def _step(net, optimizer, accelerator, packed, shapes, params, cfg: TrainConfig, step: int):
