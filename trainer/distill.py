@@ -75,11 +75,20 @@ def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1][mask].float(), labels[:, 1:][mask])
 
 
+def teacher_probs(teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """p_T [positions, V] at the positions `response_ce` averages, detached: computed once per
+    micro-batch and shared by its students."""
+    return torch.softmax(teacher[:, :-1][_targets(labels)].detach().float(), dim=-1)
+
+
+def soft_ce_to(student: torch.Tensor, p_t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of -Σ_v p_T(v) log p_S(v) over the positions of `teacher_probs`."""
+    return -(p_t * torch.log_softmax(student[:, :-1][_targets(labels)].float(), dim=-1)).sum(-1).mean()
+
+
 def soft_ce(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean of -Σ_v p_T(v) log p_S(v) over the positions `response_ce` averages (teacher detached)."""
-    mask = _targets(labels)
-    p_t = torch.softmax(teacher[:, :-1][mask].detach().float(), dim=-1)
-    return -(p_t * torch.log_softmax(student[:, :-1][mask].float(), dim=-1)).sum(-1).mean()
+    """Soft cross-entropy of the student to the teacher's logits (detached)."""
+    return soft_ce_to(student, teacher_probs(teacher, labels), labels)
 
 
 def balanced(loss: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

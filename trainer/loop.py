@@ -298,9 +298,9 @@ def _step(net, optimizer, accelerator, packed, shapes, params, cfg: TrainConfig,
                 logits = net(rows["input_ids"], rows["position_ids"], shape, noise)
                 if i == 0:
                     loss = distill.response_ce(logits, rows["labels"])
-                    teacher, reference = logits.detach(), loss.detach()
+                    teacher, reference = distill.teacher_probs(logits, rows["labels"]), loss.detach()
                 else:
-                    loss = distill.soft_ce(logits, teacher, rows["labels"])
+                    loss = distill.soft_ce_to(logits, teacher, rows["labels"])
                 raw.append(float(loss.detach()))
                 if i and cfg.balancing:
                     loss = distill.balanced(loss, reference)
