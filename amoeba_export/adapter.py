@@ -122,6 +122,12 @@ def adapter_fingerprint(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def checkpoints(path: Path) -> list[Path]:
+    """The `checkpoint-N` directories in `path` (a training output: ours or upstream's), oldest first."""
+    found = [p for p in Path(path).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
 def resolve_adapter_dir(path: str | Path) -> Path:
     """The directory that holds the adapter's files: `path` for our SMOL format, else where
     adapter_config.json is (`path`, its adapter_model/, or the newest checkpoint-N's)."""
@@ -132,16 +138,16 @@ def resolve_adapter_dir(path: str | Path) -> Path:
         return path
     if (path / "adapter" / "adapter.json").is_file():  # an `amoeba-export train` run directory
         return path / "adapter"
-    ours = [p for p in path.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "adapter" / "adapter.json").is_file()]
+    found = checkpoints(path)
+    ours = [p for p in found if (p / "adapter" / "adapter.json").is_file()]
     if ours:  # a run stopped before its end: its newest checkpoint
-        return max(ours, key=lambda p: int(p.name.split("-")[1])) / "adapter"
+        return ours[-1] / "adapter"
     for candidate in (path / "adapter_model", path):  # upstream's checkpoint-N layout first, then PEFT's
         if (candidate / "adapter_config.json").is_file():
             return candidate
     # a training output directory: its newest checkpoint-N (what upstream's get_last_checkpoint picks)
-    checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    if checkpoints:
-        newest = max(checkpoints, key=lambda p: int(p.name.split("-")[1]))
+    if found:
+        newest = found[-1]
         for candidate in (newest / "adapter_model", newest):
             if (candidate / "adapter_config.json").is_file():
                 return candidate

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amoeba_export.adapter import PROJECTIONS
+from amoeba_export.adapter import PROJECTIONS, checkpoints
 from amoeba_export.elastic import load_elastic
 from amoeba_export.errors import UserError
 from amoeba_export.io import atomic_dir, read_json, write_json
@@ -101,14 +101,9 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    found = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
-
-
 def _resume_from(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
     """The checkpoint to continue from, after checking its configuration matches."""
-    found = _checkpoints(out) if out.is_dir() else []
+    found = checkpoints(out)
     if not resume:
         if found or (out / "adapter").exists():
             raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
@@ -231,7 +226,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
                 inner.mixture.to_smol({"trained": {"step": step, "config": cfg.to_json()}}).save(tmp / "adapter")
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
                 write_json(tmp / "trainer_state.json", {"step": step, "elapsed": elapsed, "config": cfg.to_json()})
-            for old in _checkpoints(out)[:-cfg.keep]:
+            for old in checkpoints(out)[:-cfg.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
