@@ -30,8 +30,11 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml $(LLAMA_STAMP)
 
 setup: $(STAMP)
 
+# 60 ms: feasible on the 2-core machines this project runs on, whose dense decode takes 50-85 ms
+# (40 ms is not on some: the compile then says so, naming the fastest shape). --force: a second
+# `make demo` replaces the first one's artifact (only ever an artifact of ours).
 demo: setup
-	$(BIN)/amoeba-export --target host --flow pytorch --budget 40ms
+	$(BIN)/amoeba-export --target host --flow pytorch --budget 60ms --force
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
@@ -41,7 +44,7 @@ test-fast: setup
 
 # A small artifact matrix (host llama.cpp, export-only Jetson Orin MLC and A5000 TensorRT-LLM) into dist/ci.
 matrix: setup
-	$(BIN)/amoeba-export matrix targets/matrices/ci.toml
+	$(BIN)/amoeba-export matrix targets/matrices/ci.toml --force
 
 # Regenerates the shipped strategy of the default model (about 30 minutes on 2 CPU cores).
 calibrate: setup

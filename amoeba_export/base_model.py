@@ -7,25 +7,21 @@ cache, which then loads in a fraction of a second. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 from .errors import UserError
-from .io import atomic_dir, read_json, safetensors_header
+from .io import atomic_dir, read_json, safetensors_header, write_text_atomic
+from .locations import cache_dir
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Architectures whose decoder is LLaMA's: RMSNorm, rotate-half RoPE, gated SiLU MLP, GQA.
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "smollm3"}
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("AMOEBA_EXPORT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "amoeba-export"
-    )
-    return Path(root)
 
 
 def _gguf_path() -> Path:
@@ -71,13 +67,37 @@ def resolve_model(path: str | os.PathLike | None) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"model directory {p} does not exist (models are never downloaded: give a local path)")
-    cfg = read_json(p / "config.json")
+    cfg = read_config(p)
     mt = cfg.get("model_type")
     if mt not in LLAMA_FAMILY:
         raise UserError(f"{p} holds a {mt!r} model; supported LLaMA-family types: {', '.join(sorted(LLAMA_FAMILY))}")
     if not weight_files(p):
         raise UserError(f"{p} has no .safetensors weights (pickled .bin weights are not loaded)")
+    if not any(all((p / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        raise UserError(f"{p} has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with merges.txt): "
+                        "copy the tokenizer files of the model into it")
     return p
+
+
+# Any one of these sets of files makes a tokenizer transformers can load.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
+# config.json fields a LLaMA-family model must have, as positive whole numbers.
+CONFIG_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json, checked as data: an object with the LLaMA-family sizes as positive integers."""
+    path = Path(model_dir) / "config.json"
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object, got a {type(cfg).__name__}")
+    for key in CONFIG_INTS + ("num_key_value_heads", "head_dim"):
+        v = cfg.get(key)
+        if v is None and key not in CONFIG_INTS:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{path}: '{key}' must be a positive integer, got {v!r}")
+    return cfg
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -90,7 +110,7 @@ def weight_files(model_dir: Path) -> list[Path]:
 
 def model_info(model_dir: Path) -> dict:
     """Structural description (the fields a strategy depends on) plus a fingerprint."""
-    cfg = read_json(model_dir / "config.json")
+    cfg = read_config(model_dir)
     n_heads = cfg["num_attention_heads"]
     info = {
         "name": cfg.get("_name_or_path") or model_dir.name,
@@ -107,14 +127,104 @@ def model_info(model_dir: Path) -> dict:
     return info
 
 
-def fingerprint(model_dir: Path) -> str:
-    """sha256 over every weight file's header and its first MiB of data, and config.json.
+def check_weights(made_for: dict, info: dict, what: str, allow: bool) -> str | None:
+    """Refuse `what` (a strategy, an adapter) made for other weights than the model's, by the
+    fingerprint it recorded; with `allow` (--allow-other-weights), return that fingerprint for the
+    manifest instead. Nothing to compare (an upstream or PEFT adapter records none): None."""
+    theirs, ours = made_for.get("fingerprint"), info.get("fingerprint")
+    if not theirs or not ours or theirs == ours:
+        return None
+    if allow:
+        return theirs
+    raise UserError(f"the {what} was made for other weights (fingerprint {theirs}) than the model {info.get('name')} "
+                    f"({ours}): calibrate or train on this model, or pass --allow-other-weights to use it anyway")
 
-    Cheap enough for a 7B model, and it changes when the weights are retrained or re-quantised.
+
+# config.json keys that do not change what the model computes: tools rewrite them freely.
+VOLATILE_CONFIG = ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache", "architectures")
+
+
+def fingerprint(model_dir: Path, progress: bool = True) -> str:
+    """sha256 (first 16 hex) over the model's configuration and every byte of its weights.
+
+    Weights are hashed tensor by tensor (name, dtype, shape, data), sorted by name, so the same
+    weights sharded differently have one fingerprint and two models that differ in a single weight
+    have two. Hashing a 7B model takes a while, so each file's tensor digests are cached
+    (`weights_digests`), keyed by the file's path and identity (device, inode, size, mtime, ctime).
     """
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    cfg = read_json(model_dir / "config.json")
+    h = hashlib.sha256(json.dumps({k: v for k, v in cfg.items() if k not in VOLATILE_CONFIG}, sort_keys=True).encode())
+    digests: dict[str, str] = {}
     for f in weight_files(model_dir):
-        safetensors_header(f)
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
+        digests.update(weights_digests(f, progress=progress))
+    for name in sorted(digests):
+        h.update(f"{name}:{digests[name]}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def weights_digests(path: Path, progress: bool = True) -> dict[str, str]:
+    """{tensor name: sha256 of "dtype shape" and its bytes} for one safetensors file, cached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = Path(path).resolve()
+    header = safetensors_header(path)
+    store = cache_dir() / "fingerprints" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    ident = _identity(path)
+    try:
+        cached = json.loads(store.read_text())
+        if cached.get("path") == str(path) and cached.get("identity") == ident:
+            return dict(cached["tensors"])
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        pass
+    with open(path, "rb") as fh:
+        data_start = 8 + int.from_bytes(fh.read(8), "little")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    total = sum(v["data_offsets"][1] - v["data_offsets"][0] for v in tensors.values())
+
+    bar = None
+    if progress and total > 1 << 30:  # only worth a bar for large files
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"fingerprinting {path.name} (cached afterwards)")
+
+    def digest(item) -> tuple[str, str]:
+        name, v = item
+        h = hashlib.sha256(f"{v['dtype']} {v['shape']}".encode())
+        start, end = v["data_offsets"]
+        with open(path, "rb") as fh:
+            fh.seek(data_start + start)
+            left = end - start
+            while left:
+                block = fh.read(min(left, 1 << 24))
+                if not block:
+                    raise UserError(f"truncated safetensors file {path}")
+                h.update(block)  # hashlib releases the GIL on large blocks: the threads hash in parallel
+                left -= len(block)
+                if bar is not None:
+                    bar.update(len(block))
+        return name, h.hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        out = dict(pool.map(digest, sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0])))
+    if bar is not None:
+        bar.close()
+    if _identity(path) == ident:  # not rewritten while we read it
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run time
+            _prune(store.parent)
+            write_text_atomic(store, json.dumps({"path": str(path), "identity": ident, "tensors": out}, sort_keys=True))
+    return out
+
+
+def _prune(folder: Path) -> None:
+    """Forget the digests of weight files that no longer exist (a cache miss is the time to look)."""
+    for entry in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            if not Path(json.loads(entry.read_text())["path"]).exists():
+                entry.unlink()
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.unlink(missing_ok=True)

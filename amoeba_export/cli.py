@@ -9,13 +9,16 @@ User mistakes print one line and exit with code 2.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
-from .errors import UserError
+from .errors import UserError, os_error_message
+from .errors import notice as note
 from .shapes import Shape, parse_width
 
 MODEL = click.option("--model", "model", default=None, metavar="PATH",
@@ -23,6 +26,15 @@ MODEL = click.option("--model", "model", default=None, metavar="PATH",
 STRATEGY = click.option("--strategy", "strategy_dir", default=None, metavar="DIR",
                         help="Strategy directory (default: the model's calibrated or shipped strategy).")
 JSON = click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+POSITIVE = click.IntRange(min=1)
+TABLES = click.option("--tables", default=None, metavar="DIR",
+                      help="Latency tables folder to read first and write to (default: $AMOEBA_EXPORT_TABLES, else the "
+                      "user data folder; the tables shipped with the package are read after it).")
+OTHER_WEIGHTS = click.option("--allow-other-weights", is_flag=True,
+                             help="Use a strategy or adapter made for other weights (e.g. the base of this fine-tune); "
+                             "recorded in the manifest.")
+FORCE = click.option("--force", is_flag=True,
+                     help="Replace an earlier output of amoeba-export at --out (never a directory it did not write).")
 ADAPTER = click.option("--adapter", "adapter_path", default=None, metavar="DIR",
                        help="Fine-tuned adapter merged before slicing: an amoeba-export SMOL directory, a PEFT LoRA "
                        "directory, or an upstream AmoebaLLM checkpoint (checkpoint-N/adapter_model).")
@@ -34,15 +46,11 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line("-" * w for w in widths)] + [line(r.get(c, "") for c in cols) for r in rows])
 
 
-def note(message: str) -> None:
-    """A notice on stderr (stdout stays the command's result)."""
-    click.echo(f"note: {message}", err=True)
-
-
 def parity_lines(p: dict) -> None:
     limit = f" (limit {p['tolerance']:g})" if p.get("tolerance") is not None else ""
+    top = f", top-5 agreement {p['top5_agreement']:.0%} (floor {p['floor']:.0%})" if p.get("floor") is not None else ""
     click.echo(f"parity against the masked reference: max |Δlogit| {p['max_abs_logit_diff']:.2e}{limit}, "
-               f"greedy agreement {p['greedy_token_agreement']:.0%} on {p['prompt_tokens']} tokens")
+               f"greedy agreement {p['greedy_token_agreement']:.0%}{top} on {p['prompt_tokens']} tokens")
     if p.get("warning"):
         note(p["warning"])
 
@@ -93,51 +101,81 @@ def artifact_options(f):
 @click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
 @click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
 @click.option("--out", default=None, metavar="DIR", help="Artifact directory (written atomically).")
+@FORCE
 @artifact_options
 @click.option("--no-build", is_flag=True, help="Skip the engine build (AOT package, optimised graph, K-quants).")
-@click.option("--threads", type=int, default=None, help="Threads when timing on the host (default: physical cores).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Threads when timing on the host (default: physical cores).")
 @click.option("--dry-run", is_flag=True, help="Stop after the search: print the choice and the Pareto front.")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the masked reference.")
+@click.option("--no-feedback", is_flag=True,
+              help="Trust the latency table: no spot check of a table from other hardware, no re-pick when the "
+              "artifact measures over budget.")
+@TABLES
+@click.option("--accept-parity-loss", is_flag=True,
+              help="Write the artifact even when it fails its parity limit or legalize costs too much accuracy "
+              "(recorded in the manifest).")
 @workload_options
 @MODEL
 @STRATEGY
 @ADAPTER
+@OTHER_WEIGHTS
 @JSON
 @click.pass_context
-def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, strict, no_build, threads, dry_run, no_verify,
-        metric, batch, prompt_len, gen_len, model, strategy_dir, adapter_path, as_json):
+def cli(ctx, **opts):
     """Compile an elastic LLM (AmoebaLLM) into a deployable artifact for a device, inference flow and budget."""
     if ctx.invoked_subcommand is not None:
         return
-    missing = [n for n, v in (("--target", target), ("--flow", flow)) if v is None]
-    if shape_text is None and budget is None:
+    o = SimpleNamespace(**opts)
+    missing = [n for n, v in (("--target", o.target), ("--flow", o.flow)) if v is None]
+    if o.shape_text is None and o.budget is None:
         missing.append("--budget (or --shape)")
     if missing:
         raise UserError(f"missing {', '.join(missing)}: e.g. amoeba-export --target host --flow pytorch --budget 30ms")
+    if o.shape_text is not None and (o.budget is not None or o.memory is not None):
+        raise UserError("--shape exports that shape and --budget/--memory search for one: give one or the other")
+    if o.shape_text is not None and o.dry_run:
+        raise UserError("--dry-run stops after the search, and --shape does not search: drop one of them")
+    if o.shape_text is not None and o.no_feedback:
+        raise UserError("--no-feedback is about meeting a --budget, and --shape does not search: drop one of them")
+    with contextlib.ExitStack() as stack:
+        _compile(stack, o)
+
+
+def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
+    """The main command's work, with the options `o` as click parsed them."""
+    target, flow, out, metric, dry_run, as_json = o.target, o.flow, o.out, o.metric, o.dry_run, o.as_json
     from targets import load_target
 
     from .adapter import resolve_adapter_dir
     from .elastic import load_elastic
     from .exporters import get_exporter
+    from .io import check_destination, output_lock
+    from .manifest import is_artifact
     from .search import parse_bytes, parse_time
 
-    shape = Shape.parse(shape_text) if shape_text is not None else None
-    budget_s = parse_time(budget) if budget is not None else None
-    memory_budget = parse_bytes(memory) if memory is not None else None
+    shape = Shape.parse(o.shape_text) if o.shape_text is not None else None
+    budget_s = parse_time(o.budget) if o.budget is not None else None
+    memory_budget = parse_bytes(o.memory) if o.memory is not None else None
     tgt = load_target(target)
     get_exporter(flow)
-    elastic, sdir = load_elastic(model, strategy_dir, adapter_path)
-    adapter_dir = resolve_adapter_dir(adapter_path) if adapter_path is not None else None  # what the manifest hashes
+    elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights)
+    adapter_dir = resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None  # what the manifest hashes
+    if out is not None and not dry_run:  # refused before any work, and held against a second run until done
+        check_destination(Path(out), ours=is_artifact, force=o.force, protect=(elastic.dir, sdir, adapter_dir))
+        stack.enter_context(output_lock(Path(out)))
     from profilers.workload import Workload
 
-    wl = Workload(batch, prompt_len, gen_len, metric)
+    wl = Workload(o.batch, o.prompt_len, o.gen_len, metric)
     if shape is None:
         from .pipeline import compile_budget
         from .search import format_time
 
-        summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=dtype,
-                                 threads=threads, dry_run=dry_run, check=not no_verify, strategy_dir=sdir,
-                                 adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build, notice=note)
+        summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=o.dtype,
+                                 threads=o.threads, dry_run=dry_run, check=not o.no_verify, strategy_dir=sdir,
+                                 adapter_dir=adapter_dir, layout=o.layout, strict=o.strict, build=not o.no_build, notice=note,
+                                 force=o.force, accept_parity_loss=o.accept_parity_loss, tables=o.tables,
+                                 feedback=not o.no_feedback)
         if as_json:
             click.echo(json.dumps(summary, indent=2, sort_keys=True))
             return
@@ -165,8 +203,9 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
     from .pipeline import compile_shape
 
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
-    res = compile_shape(elastic, shape, flow, tgt, out, dtype=dtype, check=not no_verify, strategy_dir=sdir,
-                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=not no_build, workload=wl)
+    res = compile_shape(elastic, shape, flow, tgt, out, dtype=o.dtype, check=not o.no_verify, strategy_dir=sdir,
+                        adapter_dir=adapter_dir, layout=o.layout, strict=o.strict, build=not o.no_build, workload=wl, force=o.force,
+                        accept_parity_loss=o.accept_parity_loss)
     m = res.manifest
     summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
@@ -198,13 +237,16 @@ def cli(ctx, target, flow, budget, memory, shape_text, out, dtype, layout, stric
 @workload_options
 @click.option("--target", default="host", show_default=True, help="Only the machine at hand can be measured.")
 @click.option("--flow", default="pytorch", show_default=True)
-@click.option("--threads", type=int, default=None, help="Threads (default: physical cores).")
-@click.option("--validate", "n_validate", type=int, default=10, show_default=True, help="Extra shapes measured to validate the fit.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Threads (default: physical cores).")
+@click.option("--validate", "n_validate", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Extra shapes measured to validate the fit.")
 @click.option("--all", "measure_all", is_flag=True, help="Measure every shape end to end (slow; the reference).")
 @artifact_options
+@OTHER_WEIGHTS
+@TABLES
 def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, dtype,
-            layout, strict):
-    """Measure a latency table on this machine (resumable) into latency_tables/."""
+            layout, strict, allow_other_weights, tables):
+    """Measure a latency table on this machine (resumable) into the user's tables folder (or --tables)."""
     from targets import load_target
 
     from profilers.profile import profile_table
@@ -217,11 +259,11 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
 
     get_exporter(flow)
     tgt = load_target(target)
-    elastic, sdir = load_elastic(model, strategy_dir)
+    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
     plans = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
     tbl, path = profile_table(elastic, tgt, flow, Workload(batch, prompt_len, gen_len, metric), strategy_dir=sdir,
                               threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans.shapes,
-                              quant=plans.quant, variant=plans.variant)
+                              quant=plans.quant, variant=plans.variant, root=tables, notice=note)
     v = tbl.validation
     click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
                        "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",
@@ -237,12 +279,13 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
 @STRATEGY
 @JSON
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
-def shapes(model, strategy_dir, as_json, dtype):
+@OTHER_WEIGHTS
+def shapes(model, strategy_dir, as_json, dtype, allow_other_weights):
     """List every shape with its per-layer sizes, parameters and bytes."""
     from .elastic import load_elastic
     from .materialize import materialize
 
-    elastic, _ = load_elastic(model, strategy_dir)
+    elastic, _ = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
     rows = []
     for shape in elastic.strategy.space:
         d = materialize(elastic, shape, dtype)
@@ -268,22 +311,23 @@ def shapes(model, strategy_dir, as_json, dtype):
 @cli.command()
 @MODEL
 @click.option("--out", default=None, metavar="DIR", help="Strategy directory (default: the cache, keyed by model fingerprint).")
+@FORCE
 @click.option("--min-depth", type=int, default=None, help="Smallest depth (default: 62.5% of the layers, as AmoebaLLM's 20/32).")
-@click.option("--keep-last", type=int, default=1, show_default=True, help="Trailing layers always kept.")
+@click.option("--keep-last", type=click.IntRange(min=0), default=1, show_default=True, help="Trailing layers always kept.")
 @click.option("--widths", default="1,0.875,0.75,0.625,0.5", show_default=True, help="Width ratios (fractions of decoder linear parameters kept).")
 @click.option("--policy", type=click.Choice(["flap", "uniform"]), default="flap", show_default=True,
               help="flap: per-layer sizes (global FLAP selection); uniform: the same sizes in every layer.")
 @click.option("--head-unit", type=click.Choice(["query", "group"]), default="query", show_default=True,
               help="GQA pruning unit: a query head, or a whole KV group.")
-@click.option("--align", type=int, default=32, show_default=True, help="uniform policy: round MLP widths to this multiple.")
+@click.option("--align", type=POSITIVE, default=32, show_default=True, help="uniform policy: round MLP widths to this multiple.")
 @click.option("--depth-metric", type=click.Choice(["ppl", "acc"]), default="ppl", show_default=True,
               help="DP metric: calibration perplexity, or multiple-choice accuracy (ARC-Easy).")
 @click.option("--calib", default="lambada", show_default=True, help="Calibration text: lambada, squad, or a .txt/.jsonl file.")
-@click.option("--depth-samples", type=int, default=8, show_default=True, help="Calibration windows for the depth DP.")
-@click.option("--width-samples", type=int, default=128, show_default=True, help="Calibration windows for FLAP statistics.")
-@click.option("--seq-len", type=int, default=512, show_default=True)
+@click.option("--depth-samples", type=POSITIVE, default=8, show_default=True, help="Calibration windows for the depth DP.")
+@click.option("--width-samples", type=POSITIVE, default=128, show_default=True, help="Calibration windows for FLAP statistics.")
+@click.option("--seq-len", type=POSITIVE, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align, depth_metric, calib,
+def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit, align, depth_metric, calib,
               depth_samples, width_samples, seq_len, seed):
     """Stage-1 calibration: DP depth selection and FLAP width masks with bias compensation (resumable)."""
     from trainer.calibrate import CalibrationConfig, run_calibration
@@ -293,7 +337,7 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
         policy=policy, head_unit=head_unit, align=align, depth_metric=depth_metric, calib=calib,
         depth_samples=depth_samples, width_samples=width_samples, seq_len=seq_len, seed=seed,
     )
-    strategy, out_dir = run_calibration(model, cfg, out)
+    strategy, out_dir = run_calibration(model, cfg, out, force=force, notice=note)
     meta = strategy.meta
     click.echo(table([{"depth": d, "removed layers": ",".join(str(i) for i in sorted(set(range(strategy.model["n_layers"])) - set(ls))) or "-",
                        f"calib {cfg.depth_metric}": f"{meta['depth_metric'][str(d)]:.3f}" if str(d) in meta["depth_metric"] else "-"}
@@ -308,12 +352,13 @@ def calibrate(model, out, min_depth, keep_last, widths, policy, head_unit, align
 @STRATEGY
 @ADAPTER
 @click.option("--heldout", default=None, help="Held-out text: boolq (default), lambada, squad, or a .txt/.jsonl file.")
-@click.option("--windows", type=int, default=None, help="Perplexity windows (default: EvalConfig's, 8).")
-@click.option("--seq-len", type=int, default=None, help="Tokens per window (default 512).")
+@click.option("--windows", type=POSITIVE, default=None, help="Perplexity windows (default: EvalConfig's, 8).")
+@click.option("--seq-len", type=POSITIVE, default=None, help="Tokens per window (default 512).")
 @click.option("--tasks", default=None, help="Multiple-choice tasks, comma-separated, '' for none (default arc_easy,piqa).")
-@click.option("--mc-limit", type=int, default=None, help="Items per task (default 50).")
+@click.option("--mc-limit", type=POSITIVE, default=None, help="Items per task (default 50).")
 @click.option("--seed", type=int, default=None)
-def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, mc_limit, seed):
+@OTHER_WEIGHTS
+def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, mc_limit, seed, allow_other_weights):
     """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy
     (one table per adapter: its fingerprint is in the file name)."""
     from .adapter import adapter_fingerprint, resolve_adapter_dir
@@ -323,8 +368,9 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
     given = {"heldout": heldout, "ppl_windows": windows, "seq_len": seq_len, "mc_limit": mc_limit, "seed": seed,
              "mc_tasks": None if tasks is None else tuple(t for t in tasks.split(",") if t)}
     cfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    elastic, sdir = load_elastic(model, strategy_dir, adapter_path)
-    out = default_path(sdir, cfg, adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None)
+    elastic, sdir = load_elastic(model, strategy_dir, adapter_path, allow_other_weights)
+    out = default_path(sdir, cfg, adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None,
+                       elastic.info["fingerprint"] if "strategy" in elastic.other_weights else None)
     t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
     click.echo(table([{"shape": str(s), "ppl": f"{e['ppl']:.2f}",
                        "mc acc": f"{e['mc_mean_acc']:.3f}" if e["mc_mean_acc"] is not None else "-",
@@ -368,10 +414,11 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @click.option("--max-minutes", type=float, default=None, help="Stop (with a checkpoint) after this much training time.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --out.")
 @click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--threads", type=int, default=None, help="CPU threads (default: torch's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: torch's).")
+@OTHER_WEIGHTS
 def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr, max_grad_norm, kind, rank, alpha, experts,
           top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, eval_before, save_every, keep,
-          max_minutes, resume, seed, threads):
+          max_minutes, resume, seed, threads, allow_other_weights):
     """Stage-2 one-for-all fine-tuning: SMOL adapters, sandwich sampling, in-place distillation with
     loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
     import torch
@@ -388,7 +435,7 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
                       random_subnets=random_subnets, balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha,
                       experts=experts, top_k=top_k, targets=projs, schedule=schedule, stages=stages, seed=seed,
                       save_every=save_every, keep=keep, max_minutes=max_minutes)
-    report = run(model, strategy_dir, cfg, Path(out), resume=resume)
+    report = run(model, strategy_dir, cfg, Path(out), resume=resume, allow_other_weights=allow_other_weights)
     if not report:  # not the main process of a multi-process run
         return
     before, after = report.get("before", {}), report.get("after", {})
@@ -408,15 +455,21 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
 @click.argument("npy", type=click.Path())
 @MODEL
 @click.option("--out", required=True, metavar="DIR")
+@FORCE
 @click.option("--width-choice", default="1,7/8,3/4,5/8,1/2", show_default=True)
-def import_strategy(npy, model, out, width_choice):
+def import_strategy(npy, model, out, force, width_choice):
     """Import an upstream AmoebaLLM dp_selection_strategy.npy (restricted unpickler: arrays and dicts only)."""
     from .base_model import model_info, resolve_model
+    from .io import atomic_dir, check_destination
+    from .strategy import is_strategy_dir
     from .upstream import import_dp_strategy
 
-    info = model_info(resolve_model(model))
+    model_dir = resolve_model(model)
+    check_destination(Path(out), ours=is_strategy_dir, force=force, protect=(model_dir, npy))
+    info = model_info(model_dir)
     s = import_dp_strategy(npy, info, [parse_width(w) for w in width_choice.split(",")])
-    s.save(Path(out))
+    with atomic_dir(Path(out), ours=is_strategy_dir, force=force, protect=(model_dir, npy), notice=note) as tmp:
+        s.save(tmp)
     click.echo(f"wrote strategy {out}: {len(s.depths)} depths, {len(s.widths)} widths")
 
 
@@ -425,18 +478,23 @@ def import_strategy(npy, model, out, width_choice):
 @click.option("--strategy-npy", "npy", required=True, metavar="FILE", help="The upstream dp_selection_strategy.npy.")
 @MODEL
 @click.option("--out", required=True, metavar="DIR", help="Writes DIR/strategy and DIR/adapter.")
+@FORCE
 @click.option("--width-choice", default=None, metavar="LIST",
               help="The router's widths in one-hot order (default: the checkpoint's adapter_config.json).")
-def import_checkpoint(checkpoint, npy, model, out, width_choice):
+def import_checkpoint(checkpoint, npy, model, out, force, width_choice):
     """Import a released AmoebaLLM checkpoint (checkpoint-N/adapter_model) and its strategy."""
     from .base_model import model_info, resolve_model
-    from .io import atomic_dir
+    from .io import atomic_dir, check_destination
     from .upstream import import_checkpoint as run_import
+    from .upstream import is_import_dir
 
-    info = model_info(resolve_model(model))
+    model_dir = resolve_model(model)
+    inputs = (model_dir, checkpoint, npy)
+    check_destination(Path(out), ours=is_import_dir, force=force, protect=inputs)
+    info = model_info(model_dir)
     choice = [parse_width(w) for w in width_choice.split(",")] if width_choice else None
     strategy, smol = run_import(checkpoint, npy, info, choice)
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), ours=is_import_dir, force=force, protect=inputs, notice=note) as tmp:
         strategy.save(tmp / "strategy")
         smol.save(tmp / "adapter")
     click.echo(f"wrote {out}/strategy ({len(strategy.depths)} depths, {len(strategy.widths)} widths) and {out}/adapter "
@@ -455,10 +513,14 @@ def import_checkpoint(checkpoint, npy, model, out, width_choice):
 @click.option("--only", default=None, metavar="NAME[,NAME]", help="Only these rows (by name).")
 @click.option("--no-build", is_flag=True, help="Skip engine builds (scripts are still written).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity checks.")
+@click.option("--force", is_flag=True, help="Replace earlier artifacts of amoeba-export in the dist folder.")
 @MODEL
 @STRATEGY
+@OTHER_WEIGHTS
+@TABLES
 @JSON
-def matrix(matrix_file, dist, runner, only, no_build, no_verify, model, strategy_dir, as_json):
+def matrix(matrix_file, dist, runner, only, no_build, no_verify, force, model, strategy_dir, allow_other_weights, tables,
+           as_json):
     """Build a list of (target, flow, budget) artifacts into a dist folder, with a summary table."""
     from . import matrix as mx
     from .elastic import load_elastic
@@ -475,8 +537,10 @@ def matrix(matrix_file, dist, runner, only, no_build, no_verify, model, strategy
     if not rows:
         raise UserError(f"{matrix_file}: no rows{f' for runner {runner!r}' if runner else ''}")
     dist = Path(dist or file_dist or "dist")
-    elastic, sdir = load_elastic(model, strategy_dir)
-    results = mx.run(rows, dist, elastic, sdir, build=not no_build, check=not no_verify, notice=note)
+    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
+    mx.check(rows, dist, elastic, force=force, protect=(elastic.dir, sdir))  # every row, before the first build
+    results = mx.run(rows, dist, elastic, sdir, build=not no_build, check=not no_verify, notice=note, force=force,
+                     tables=tables)
     path = mx.write_summary(results, dist)
     if as_json:
         click.echo(json.dumps(results, indent=2, sort_keys=True))
@@ -497,17 +561,29 @@ def targets():
         click.echo(describe(load_target(n)))
 
 
+def _close_progress() -> None:
+    """End any progress bar a failing pass left open, so the error starts its own line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="amoeba-export")
     except UserError as e:
+        _close_progress()
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # a malformed option: one line, like every other mistake
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except OSError as e:  # full disk, read-only, permission, not a directory: the path and the cause
+        _close_progress()
+        click.echo(f"error: {os_error_message(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

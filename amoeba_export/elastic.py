@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .adapter import PROJECTIONS, Adapter, weight_name
-from .base_model import model_info, resolve_model, weight_files
+from .base_model import check_weights, model_info, read_config, resolve_model, weight_files
 from .errors import UserError
 from .io import read_json
 from .shapes import Shape
@@ -65,10 +65,13 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 class ElasticModel:
-    def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None):
+    def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None,
+                 allow_other_weights: bool = False):
         self.dir = resolve_model(model)
-        self.config = read_json(self.dir / "config.json")
+        self.config = read_config(self.dir)
         self.info = model_info(self.dir)
+        self.allow_other_weights = allow_other_weights
+        self.other_weights: dict[str, str] = {}  # what was made for other weights, allowed: role -> its fingerprint
         self.strategy = None
         self._adapter = None
         if strategy is not None:
@@ -79,8 +82,11 @@ class ElasticModel:
         self._tokenizer = None
 
     def use_strategy(self, strategy: Strategy) -> None:
-        """Attach a strategy after checking it was made for this model."""
+        """Attach a strategy after checking it was made for this model (its sizes and its weights)."""
         strategy.check_model(self.info)
+        other = check_weights(strategy.model, self.info, "strategy", self.allow_other_weights)
+        if other:
+            self.other_weights["strategy"] = other
         self.strategy = strategy
         if self._adapter is not None:
             self._adapter.bind(strategy)
@@ -95,6 +101,9 @@ class ElasticModel:
         strategy's shapes mean (SMOL's router reads the kept layers of a depth)."""
         if adapter is not None:
             adapter.check_model(self.info)
+            other = check_weights(getattr(adapter, "model", None) or {}, self.info, "adapter", self.allow_other_weights)
+            if other:
+                self.other_weights["adapter"] = other
             if self.strategy is not None:
                 adapter.bind(self.strategy)
         self._adapter = adapter
@@ -121,7 +130,11 @@ class ElasticModel:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.dir)
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(self.dir)
+            except Exception as e:  # transformers raises many types for a broken tokenizer file
+                raise UserError(f"cannot load the tokenizer of {self.dir}: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else 'unreadable'}") from None
         return self._tokenizer
 
     def shape_plan(self, shape: Shape) -> tuple[list[int], list[LayerWidth]]:
@@ -188,12 +201,13 @@ class ElasticModel:
 
 
 
-def load_elastic(model=None, strategy_dir=None, adapter_path=None) -> tuple[ElasticModel, Path]:
+def load_elastic(model=None, strategy_dir=None, adapter_path=None, allow_other_weights: bool = False
+                 ) -> tuple[ElasticModel, Path]:
     """(the ElasticModel with its strategy and, when given, the adapter checked against the model,
     the strategy's directory): the model as every command opens it."""
     from .strategy import Strategy, locate
 
-    elastic = ElasticModel(model)
+    elastic = ElasticModel(model, allow_other_weights=allow_other_weights)
     sdir = locate(elastic.info, strategy_dir)
     elastic.use_strategy(Strategy.load(sdir))
     if adapter_path is not None:

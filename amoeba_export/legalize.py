@@ -53,6 +53,25 @@ class LegalizeReport:
     reselected: dict | None = None  # the same, plus the new sizes, when --layout uniform re-selected
 
     @property
+    def perplexity_before(self) -> float | None:
+        """Held-out perplexity of the shape as calibrated, where legalize changed what it computes."""
+        m = self.reselected or self.dropped_bias
+        return m["perplexity_before"] if m else None
+
+    @property
+    def perplexity_after(self) -> float | None:
+        """Held-out perplexity of what the flow runs, after every inexact change (None: exact, or not measured)."""
+        m = self.dropped_bias or self.reselected
+        return m["perplexity_after"] if m else None
+
+    @property
+    def inexact(self) -> str | None:
+        """What legalize did that is not exact, in words (None: everything was exact)."""
+        parts = [w for w, m in (("re-selecting one size per layer", self.reselected),
+                                ("dropping the o_proj/down_proj compensation biases", self.dropped_bias)) if m]
+        return " and ".join(parts) or None
+
+    @property
     def padded_parameters(self) -> int:
         return self.parameters_after - self.parameters_before
 
@@ -92,6 +111,8 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
     stock = dense.uniform and (not caps.heads_divide_hidden or dense.hidden_size % dense.layers[0].n_heads == 0)
     if layout == "auto":
         layout = "native" if caps.per_layer or stock else "pad"
+        if not caps.o_down_bias and _carries_bias(dense) and not dense.uniform and perplexity is not None and _can_reselect(dense):
+            return _best_inexact(dense, caps, flow=flow, quant=quant, strict=strict, perplexity=perplexity, exact=layout)
     if layout == "native" and not (caps.per_layer or stock):
         why = ("has per-layer sizes" if not dense.uniform else
                f"has {dense.layers[0].n_heads} heads, which do not divide hidden size {dense.hidden_size}")
@@ -131,6 +152,30 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
                             dense.parameters(), padded, dropped, reselected)
     dense.record = {**dense.record, "legalize": report.to_json()}
     return dense, report
+
+
+def _carries_bias(dense: DenseModel) -> bool:
+    return any(s.attn_bias or s.mlp_bias for s in dense.layers)
+
+
+def _can_reselect(dense: DenseModel) -> bool:
+    return {"o_var", "o_mean", "down_var", "down_mean"} <= set(dense._elastic.strategy.stats)
+
+
+def _best_inexact(dense: DenseModel, caps: FlowCaps, *, flow: str, quant, strict: bool, perplexity, exact: str):
+    """A flow that cannot carry the compensation biases has no exact option for a shape that has
+    them: keep the sizes and drop the biases, or re-select one size per layer (whose fresh biases
+    go too), measure both, and keep the one with the lower held-out perplexity."""
+    options = [legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict, perplexity=perplexity)
+               for layout in (exact, "uniform")]
+    after = [r.perplexity_after for _, r in options]
+    best = int(np.argmin(after))
+    out, report = options[best]
+    report.changes.append(f"--layout auto: {flow} cannot carry the compensation biases, so no exact layout exists; "
+                          f"{report.layout} measured better than {options[1 - best][1].layout} "
+                          f"(held-out perplexity {after[best]:.3f} against {after[1 - best]:.3f})")
+    out.record = {**out.record, "legalize": report.to_json()}
+    return out, report
 
 
 def _round_up(n: int, align: int) -> int:
@@ -181,7 +226,7 @@ def uniform_shape(dense: DenseModel, align: int = 1) -> DenseModel:
 
     em = dense._elastic
     stats = em.strategy.stats
-    if not {"o_var", "o_mean", "down_var", "down_mean"} <= set(stats):
+    if not _can_reselect(dense):
         raise UserError("--layout uniform re-selects heads and channels by FLAP importance, and this strategy has no "
                         "calibration statistics: recalibrate with `amoeba-export calibrate`, or use --layout pad")
     info = em.info
@@ -192,11 +237,8 @@ def uniform_shape(dense: DenseModel, align: int = 1) -> DenseModel:
     heads = int(min(G if G > 1 else info["n_heads"], max(1, round(per_group))))
     channels = int(min(info["n_ff"], max(align, round(np.mean(real_c) / align) * align)))
     shape = dense._shape
-    widths = list(em.strategy.widths[shape.width])
-    for p in dense._plans:
-        widths[p.source] = select_uniform(stats, em.weights, info, p.source, heads, channels)
-    derived = copy.copy(em)
-    derived.strategy = replace(em.strategy, widths={**em.strategy.widths, shape.width: widths})
+    derived = _derived(em, shape.width, {p.source: select_uniform(stats, em.weights, info, p.source, heads, channels)
+                                         for p in dense._plans})
     out = materialize(derived, shape, dense.dtype)
     out.record = {**out.record, "reselected": {"query_heads_per_kv_group" if G > 1 else "query_heads": heads,
                                                "channels": channels}}
@@ -218,8 +260,21 @@ def _drop_biases(dense: DenseModel, flow: str, strict: bool, perplexity) -> tupl
                         "perplexity change measured and reported")
     plans = [replace(p, o_bias=np.zeros_like(p.o_bias), down_bias=np.zeros_like(p.down_bias)) for p in dense._plans]
     specs = [replace(s, attn_bias=False, mlp_bias=False) for s in dense.layers]
-    dropped = replace(dense, layers=specs, _plans=plans)
+    dropped = replace(dense, layers=specs, _plans=plans, _elastic=_derived(dense._elastic, dense._shape.width, {
+        p.source: replace(dense._elastic.strategy.widths[dense._shape.width][p.source], o_bias=np.zeros_like(p.o_bias),
+                          down_bias=np.zeros_like(p.down_bias)) for p in dense._plans}))
     return dropped, _measured(perplexity, dense, dropped)
+
+
+def _derived(em, width: float, layers: dict):
+    """A copy of the elastic model whose strategy has `layers` (source layer -> LayerWidth) at
+    `width`: the masked reference of what legalize made, so verify checks the artifact exactly."""
+    widths = list(em.strategy.widths[width])
+    for i, lw in layers.items():
+        widths[i] = lw
+    derived = copy.copy(em)
+    derived.strategy = replace(em.strategy, widths={**em.strategy.widths, width: widths})
+    return derived
 
 
 def _measured(perplexity, before: DenseModel, after: DenseModel) -> dict:

@@ -6,6 +6,7 @@ build record is the only place with wall-clock time; everything else is a pure f
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import sys
 from importlib import metadata
@@ -14,6 +15,7 @@ from pathlib import Path
 from .io import sha256_file, write_json
 
 MANIFEST = "manifest.json"
+FORMAT = "amoeba-export/artifact"
 SCHEMA = 1
 PACKAGES = ("amoeba-export", "torch", "transformers", "safetensors", "tokenizers", "numpy", "gguf", "llama_cpp_python",
             "onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-genai")
@@ -47,10 +49,24 @@ def hash_inputs(paths: dict[str, Path | None]) -> dict:
     return out
 
 
+def is_artifact(path: Path) -> bool:
+    """An earlier artifact of ours (what `--force` may replace): its manifest lists every other file in it."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict) or "flow" not in doc:
+        return False
+    present = {str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir() or p.is_symlink()}
+    return present <= set(doc["files"]) | {MANIFEST}
+
+
 def write_manifest(out_dir: Path, body: dict) -> dict:
     out_dir = Path(out_dir)
     files = sorted(p for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {
+        "format": FORMAT,
         "schema": SCHEMA,
         **body,
         "versions": versions(),

@@ -124,8 +124,28 @@ def _name(item: dict) -> str:
     return "-".join(str(p) for p in (item["target"], item["flow"], what, item.get("dtype")) if p)
 
 
+def check(rows: list[Row], dist: Path, elastic, *, force: bool = False, protect=()) -> None:
+    """Everything about the rows that can be checked without building one: each shape is in the
+    strategy's space, each dtype is one the flow writes, and each row's output may be (re)written."""
+    from targets import load_target
+
+    from .exporters import get_exporter
+    from .io import check_destination
+    from .manifest import is_artifact
+    from .pipeline import split_dtype
+
+    for k, row in enumerate(rows, 1):
+        try:
+            if row.shape is not None:
+                elastic.strategy.resolve(row.shape)
+            split_dtype(row.dtype, load_target(row.target), row.flow, get_exporter(row.flow).CAPS)
+            check_destination(Path(dist) / row.name, ours=is_artifact, force=force, protect=protect)
+        except UserError as e:
+            raise UserError(f"matrix row {k} ({row.name}): {e}") from None
+
+
 def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool = True, check: bool = True,
-        notice=print) -> list[dict]:
+        notice=print, force: bool = False, tables: Path | None = None) -> list[dict]:
     """Build every row into `dist/<name>`; one summary dict per row (with "error" where it failed)."""
     from targets import load_target
 
@@ -143,11 +163,12 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
             if row.shape is None:  # the search's summary carries what the row reports
                 m = searched = compile_budget(elastic, target, row.flow, wl, row.budget_s, out, memory_budget=row.memory,
                                               dtype=row.dtype, check=check, strategy_dir=strategy_dir,
-                                              layout=row.layout, build=build, notice=notice)
+                                              layout=row.layout, build=build, notice=notice, force=force,
+                                              tables=tables)
             else:
                 searched, m = {}, compile_shape(elastic, row.shape, row.flow, target, out, dtype=row.dtype, check=check,
                                                 strategy_dir=strategy_dir, layout=row.layout, build=build,
-                                                workload=wl).manifest
+                                                workload=wl, force=force).manifest
         except UserError as e:
             notice(f"{row.name}: error: {e}")
             results.append({**base, "error": str(e)})

@@ -16,7 +16,7 @@ from .elastic import ElasticModel
 from .errors import UserError
 from .exporters import get_exporter, write_artifact
 from .io import atomic_dir
-from .manifest import hash_inputs, write_manifest
+from .manifest import hash_inputs, is_artifact, write_manifest
 from .materialize import DTYPES, DenseModel, materialize
 from .shapes import Shape
 
@@ -28,6 +28,57 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # verify's max
 # and the fp32 reference is itself 8.5e-5 from the float64 one. A wrong gate or merge moves
 # logits by whole units, so 1e-3 still catches it.
 ADAPTER_FP32_TOLERANCE = 1e-3
+# A quantised artifact has no logit limit. Its figure is the share of verify-prompt positions where
+# its greedy token is among the reference's TOP_K; under this floor it is refused. On SmolLM2-135M
+# sound 4-bit artifacts score 72-100% and broken ones 11-39% (docs/verify.md).
+TOP_K = 5
+QUANT_FLOOR = 0.5
+# The most legalize may raise held-out perplexity where a flow cannot run the shape exactly
+# (dropped compensation biases, re-selection); beyond it the compile is refused. Measured on
+# SmolLM2-135M for MLC: -3.5% and +2% at widths 0.75-0.875, +284% and +1032% at 0.625-0.5
+# (docs/verify.md).
+MAX_LEGALIZE_LOSS = 0.25
+
+
+def parity_limits(exporter, quant: str | None, dense: DenseModel, adapter: bool) -> dict:
+    """{"tolerance": max |Δlogit| allowed, or None for a quantised format, "floor": the least top-5
+    agreement allowed where there is no logit limit}."""
+    limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
+    fmt = quant or str(dense.dtype).removeprefix("torch.")
+    tolerance = limits.get(fmt)
+    if tolerance is not None and adapter and quant is None and dense.dtype == torch.float32:
+        tolerance = max(tolerance, ADAPTER_FP32_TOLERANCE)
+    return {"tolerance": tolerance, "floor": None if tolerance is not None else QUANT_FLOOR}
+
+
+def parity_failure(parity: dict, fmt: str) -> str | None:
+    """Why the artifact fails its limit, or None."""
+    if parity["tolerance"] is not None and not parity["max_abs_logit_diff"] <= parity["tolerance"]:
+        return (f"max |logit difference| {parity['max_abs_logit_diff']:.3g} > {parity['tolerance']:g} ({fmt}) against "
+                "the masked reference")
+    top = parity[f"top{TOP_K}_agreement"]
+    if parity["floor"] is not None and top < parity["floor"]:
+        return (f"{fmt}'s greedy token is among the masked reference's top {TOP_K} at {top:.0%} of the positions, "
+                f"under the {parity['floor']:.0%} floor for quantised formats")
+    return None
+
+
+def legalize_failure(report, flow: str, shape: Shape) -> str | None:
+    """Why what legalize changed costs too much (measured held-out perplexity), or None."""
+    before, after = report.perplexity_before, report.perplexity_after
+    if before is None or after is None or after <= before * (1 + MAX_LEGALIZE_LOSS):
+        return None
+    return (f"{flow} cannot run {shape} exactly, and {report.inexact} raises held-out perplexity "
+            f"{before:.3f} -> {after:.3f} (+{after / before - 1:.0%}, over the {MAX_LEGALIZE_LOSS:.0%} limit)")
+
+
+class LegalizeLoss(UserError):
+    """The flow cannot run the shape without costing more accuracy than MAX_LEGALIZE_LOSS."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"{reason}; nothing was written: export a width-1 shape, use a flow that takes the shape "
+                         "as it is (pytorch, onnx, gguf), or pass --accept-parity-loss")
+        self.reason = reason
 
 
 @dataclass
@@ -44,10 +95,14 @@ def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
     ref = elastic.logits(ids, shape).float()
     got = logits_fn(ids).float()
+    top = ref.topk(min(TOP_K, ref.shape[-1]), dim=-1).indices
     return {
         "prompt_tokens": int(ids.shape[1]),
         "max_abs_logit_diff": float((ref - got).abs().max()),
         "greedy_token_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
+        # the artifact's greedy token is among the reference's TOP_K: near-ties that a quantised
+        # format flips still count, a broken artifact's tokens do not
+        f"top{TOP_K}_agreement": float((top == got.argmax(-1, keepdim=True)).any(-1).float().mean()),
     }
 
 
@@ -75,13 +130,18 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
     from .score import EvalConfig, eval_set
 
     ids: list[torch.Tensor] = []  # the held-out windows, read on first use (most compiles never measure)
+    seen: dict[int, tuple[DenseModel, float]] = {}  # legalize may ask twice about one model (auto tries two layouts)
 
     def ppl(dense: DenseModel) -> float:
+        if id(dense) in seen:
+            return seen[id(dense)][1]
         if not ids:
             ids.append(eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))[0])
         model = in_memory(dense)
         with torch.inference_mode():
-            return perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids[0])
+            value = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids[0])
+        seen[id(dense)] = (dense, value)  # the model is kept so its id is not reused
+        return value
 
     return ppl
 
@@ -125,10 +185,14 @@ def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | 
 def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
                   adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
-                  workload=None, before_manifest: Callable[[Path, dict], None] | None = None) -> Result:
+                  workload=None, before_manifest: Callable[[Path, dict], None] | None = None,
+                  force: bool = False, accept_parity_loss: bool = False) -> Result:
     """Materialize, legalize, emit, build, verify and write the manifest (last). `workload`: what the
     artifact is sized for (default batch 1, prompt 128, 64 generated). `before_manifest(dir, body)` may
-    add files and manifest fields (the search's plot, the artifact's measured latency)."""
+    add files and manifest fields (the search's plot, the artifact's measured latency). `out` may
+    replace only an earlier artifact, and only with `force`; never an input. An artifact that fails
+    its flow's parity limit, or whose legalisation costs more than `MAX_LEGALIZE_LOSS`, is not
+    written unless `accept_parity_loss` (then the manifest says so)."""
     from profilers.workload import Workload
 
     workload = workload or Workload()
@@ -137,27 +201,34 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
     shape = elastic.strategy.resolve(shape)
     dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
-    with atomic_dir(out) as tmp:
+    accepted: list[str] = []  # what --accept-parity-loss let through, for the manifest
+    failure = legalize_failure(report, flow, shape)
+    if failure is not None and not accept_parity_loss:
+        raise LegalizeLoss(failure)
+    if failure is not None:
+        accepted.append(f"legalize: {failure}")
+    with atomic_dir(out, ours=is_artifact, force=force, protect=(elastic.dir, strategy_dir, adapter_dir)) as tmp:
         files, built = write_artifact(exporter, dense, tmp, elastic.dir, target, quant=quant, workload=workload,
                                       build=build)
         parity = None
         if check:
-            # the reference is the elastic model the dense model came from (legalize may re-select)
+            # The reference is what legalize made (the elastic model the dense model came from, with any
+            # re-selection or dropped biases), so this checks the export exactly; legalize's own cost
+            # was measured and judged above.
             parity = verify(dense._elastic, shape, exporter.load(tmp))
-            # a quantised artifact has no logit tolerance: its greedy-token agreement is the figure
-            limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
-            parity["tolerance"] = limits.get(quant or str(dense.dtype).removeprefix("torch."))
-            if elastic.adapter is not None and quant is None and dense.dtype == torch.float32:
-                parity["tolerance"] = max(parity["tolerance"], ADAPTER_FP32_TOLERANCE)
+            parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None))
+            fmt = quant or str(dense.dtype).removeprefix("torch.")
+            failure = parity_failure(parity, fmt)
+            if failure is not None and not accept_parity_loss:
+                raise UserError(f"parity check failed for {flow} at {shape}: {failure}; nothing was written "
+                                "(--accept-parity-loss ships it anyway and records that in the manifest)")
+            if failure is not None:
+                accepted.append(f"parity: {failure}")
             if parity["greedy_token_agreement"] < 0.9:
-                parity["warning"] = (f"{quant or dense.dtype} changes {1 - parity['greedy_token_agreement']:.0%} of the "
-                                     f"greedy tokens on the verify prompt against the masked reference; the accuracy "
-                                     f"table scores the unquantised model, so measure this format's accuracy before "
-                                     f"shipping it, or choose a wider format with --dtype")
-            if quant is None and dense.dtype == torch.float32 and parity["max_abs_logit_diff"] > parity["tolerance"]:
-                raise UserError(f"parity check failed for {flow} at {shape}: max |logit difference| "
-                                f"{parity['max_abs_logit_diff']:.3g} > {parity['tolerance']:g} against the masked "
-                                "reference; nothing was written (--no-verify skips the check)")
+                parity["warning"] = (f"{fmt} changes {1 - parity['greedy_token_agreement']:.0%} of the greedy tokens on "
+                                     "the verify prompt against the masked reference of the exported model; the "
+                                     "accuracy table scores the unquantised model, so measure this format's accuracy "
+                                     "before shipping it, or choose a wider format with --dtype")
         body = {
             "flow": flow,
             "target": target,
@@ -166,6 +237,8 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "workload": workload.to_json(),
             "model": elastic.info,
             "inputs": hash_inputs({"model": elastic.dir, "strategy": strategy_dir, "adapter": adapter_dir}),
+            # a strategy or adapter made for other weights, used by --allow-other-weights: role -> its fingerprint
+            "allowed_other_weights": dict(elastic.other_weights) or None,
             "layers": [vars(s) for s in dense.layers],
             "parameters": dense.parameters(),
             "materialize": {k: v for k, v in dense.record.items() if k != "legalize"},
@@ -174,6 +247,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "emitted": files,
             "engine": built,
             "parity": parity,
+            "accepted_parity_loss": accepted or None,
         }
         if before_manifest is not None:
             before_manifest(tmp, body)
@@ -196,36 +270,65 @@ def memory_bytes(dense: DenseModel, workload, quant: str | None = None) -> int:
 
 def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
                   plans: Plans, threads: int | None, notice: Callable[[str], None], *, command: str,
-                  measurable: bool):
-    """The stored table for target × flow × model × workload (× variant); else measure it (this
-    machine can: `measurable`), or estimate. `command` measures it on the device."""
-    from profilers.profile import profile_table
-    from profilers.tables import LatencyTable, build_estimated, hardware_fingerprint, strategy_fingerprint
+                  measurable: bool, tables: Path | None = None, correct: bool = True):
+    """The table for target × flow × model × workload (× variant): the user's or the shipped one,
+    spot-checked here when it was measured on other hardware (`correct`); else measured here (this
+    machine can: `measurable`), or estimated. `command` measures it on the device. Tables are
+    written under `tables` (default: the user's tables folder), never into the package."""
+    from profilers.profile import measure_shape, profile_table
+    from profilers.tables import (LatencyTable, build_estimated, hardware_differences, hardware_fingerprint,
+                                  strategy_fingerprint)
+
+    from .feedback import SPOT_SHAPES, rescaled, spot_check
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
-    path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, variant=plans.variant)
+    args = (target["name"], flow, elastic.info["name"], workload)
+    path = LatencyTable.path(*args, root=tables, variant=plans.variant)  # where a table made here goes
+    found = LatencyTable.find(*args, root=tables, variant=plans.variant)
     on_device = "" if target["name"] == "host" else f" on the {target['name']}"
-    if path.is_file():
-        table = LatencyTable.load(path)
-        table.check(model, sfp)
+    if found is not None:
+        table = LatencyTable.load(found)
+        table.check(model, sfp, plans.shapes)
         if table.source == "estimated" and measurable:
-            notice(f"latency table {path} is ESTIMATED (roofline) and this machine can measure it: profiling now "
+            notice(f"latency table {found} is ESTIMATED (roofline) and this machine can measure it: profiling now "
                    f"(the same as `{command}`)")
         elif table.source == "estimated":
-            notice(f"latency table {path} is ESTIMATED (roofline); measure it{on_device} with: {command}")
-            return table, path
+            notice(f"latency table {found} is ESTIMATED (roofline); measure it{on_device} with: {command}")
+            return table, found
         else:
-            if target["name"] == "host" and table.provenance.get("hardware") != hardware_fingerprint(target):
-                notice(f"latency table {path} was measured on other hardware ({table.provenance.get('hardware')}); "
-                       f"re-measure here with: {command}")
-            return table, path
+            here = hardware_fingerprint(target)
+            diffs = hardware_differences(table.provenance.get("hardware"), here) if target["name"] == "host" else []
+            if not diffs:
+                return table, found
+            if not (measurable and correct):
+                notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): its predictions may "
+                       f"not hold here; re-measure with: {command}")
+                return table, found
+            notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): spot-checking "
+                   f"{SPOT_SHAPES} shapes here")
+            threads = threads or table_threads(table)
+            check = spot_check(table, lambda s: measure_shape(plans.shapes[s], flow, workload, elastic.dir,
+                                                              quant=plans.quant, threads=threads, target=target,
+                                                              notice=notice))
+            if check.noisy:
+                notice(f"spot check taken while other processes held the cores ({check.describe()}): not acted on; "
+                       f"re-measure when the machine is idle with: {command}")
+                return table, found
+            if check.consistent:
+                new = rescaled(table, check, here, str(found))
+                new.save(path)
+                notice(f"spot check: {check.describe()}; one factor explains them, so the table is rescaled by "
+                       f"x{check.factor:.2f} for this machine -> {path}")
+                return new, path
+            notice(f"spot check: {check.describe()}; no single factor explains them, so this machine is re-profiled "
+                   f"(the same as `{command}`)")
     elif measurable:
         notice(f"no latency table for {target['name']}/{flow}/{workload.key()}: profiling this machine now "
                f"(the same as `{command}`)")
     if measurable:
         return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, threads=threads,
-                             plans=plans.shapes, quant=plans.quant, variant=plans.variant)
+                             plans=plans.shapes, quant=plans.quant, variant=plans.variant, root=tables, notice=notice)
     table = build_estimated(plans.shapes, target=target, flow=flow, model=model, strategy=sfp, workload=workload,
                             fmt=plans.fmt)
     table.save(path)
@@ -245,31 +348,34 @@ def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[
     """The accuracy table of the strategy (and adapter: an adapter changes accuracy, so its tables
     are kept apart, keyed by the adapter's fingerprint in the file name)."""
     from .adapter import adapter_fingerprint
-    from .score import AccuracyTable, EvalConfig, default_path, score_shapes, strategy_fingerprint
+    from .score import AccuracyTable, EvalConfig, default_path, score_shapes, scored_tables, strategy_fingerprint
 
     afp = adapter_fingerprint(adapter_dir) if adapter_dir is not None else None
-    path = default_path(strategy_dir, adapter=afp)
-    ours = (lambda p: p.name.endswith(f"-adapter-{afp}.json")) if afp else (lambda p: "-adapter-" not in p.name)  # noqa: E731
-    # The default eval set's table, else any complete table beside the strategy (e.g. a shipped one
-    # scored on a smaller eval set), else score now.
-    for candidate in [path] + sorted(p for p in Path(strategy_dir).glob("accuracy-*.json") if p != path and ours(p)):
+    mfp = elastic.info["fingerprint"] if "strategy" in elastic.other_weights else None  # --allow-other-weights
+    path = default_path(strategy_dir, adapter=afp, model=mfp)
+    # The default eval set's table, else any complete table scored on the strategy (e.g. a shipped
+    # one scored on a smaller eval set), else score now.
+    for candidate in [path] + [p for p in scored_tables(strategy_dir, afp, mfp) if p != path]:
         if candidate.is_file():
             table = AccuracyTable.load(candidate, elastic.info["fingerprint"], strategy_fingerprint(strategy_dir))
             if set(table.entries) >= set(elastic.strategy.space):
                 return table
-    notice(f"no accuracy table beside the strategy: scoring every shape now (resumable; `amoeba-export score`) -> {path}")
-    return score_shapes(elastic, list(elastic.strategy.space), EvalConfig(), path)
+    notice(f"no accuracy table for the strategy: scoring every shape now (resumable; `amoeba-export score`) -> {path}")
+    return score_shapes(elastic, list(elastic.strategy.space), EvalConfig(), path, strategy_dir=strategy_dir)
 
 
 def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, budget_s: float, out: Path | None, *,
                    memory_budget: int | None = None, dtype: str | None = None, threads: int | None = None,
                    dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
                    adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
-                   notice: Callable[[str], None] = print) -> dict:
-    """score (cached) → latency table (stored, profiled or estimated) → search → compile → measure."""
-    from profilers.profile import cannot_measure, time_artifact
+                   notice: Callable[[str], None] = print, force: bool = False, accept_parity_loss: bool = False,
+                   tables: Path | None = None, feedback: bool = True) -> dict:
+    """score (cached) → latency table (stored, spot-checked, profiled or estimated) → search → compile
+    → measure, and with `feedback`, correct and pick again when the artifact measures over budget."""
+    from profilers.profile import cannot_measure, measure_shape, time_artifact
     from profilers.tables import profile_command
 
+    from .feedback import Feedback, OverBudget
     from .search import plot_pareto, search
 
     plans = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)  # user errors first
@@ -277,10 +383,15 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
     command = profile_command(target, flow, plans.fmt, workload)  # what measures this table (on the device)
     measurable = cannot_measure(target, flow) is None
     table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice,
-                                      command=command, measurable=measurable)
+                                      command=command, measurable=measurable, tables=tables, correct=feedback)
     latency = table.as_mapping()
     mem = {s: memory_bytes(d, workload, plans.quant) for s, d in plans.shapes.items()} if memory_budget else None
-    result = search(acc.scores(), latency, budget_s, mem, memory_budget)
+    refused: set[Shape] = set()  # shapes the flow cannot run without too much accuracy lost (LegalizeLoss)
+
+    def pick(lat: dict):
+        return search({s: v for s, v in acc.scores().items() if s not in refused}, lat, budget_s, mem, memory_budget)
+
+    result = pick(latency)
     summary = {
         "target": target["name"], "flow": flow, "workload": workload.to_json(), "budget_s": budget_s,
         "memory_budget": memory_budget, "shape": str(result.shape), "predicted_latency_s": result.latency_s,
@@ -291,31 +402,61 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
     }
     if dry_run:
         return summary
-    out = Path(out or f"out/{target['name']}-{flow}-{result.shape}")
+    threads = threads or table_threads(table)
+    loop = Feedback(budget_s, latency, enabled=feedback and measurable)
 
     def finish(tmp: Path, body: dict) -> None:
-        plot_pareto(tmp / "pareto.png", acc.scores(), latency, budget_s, result.shape,
-                    f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         measured = None
         if measurable:
-            measured = time_artifact(tmp, flow, workload, threads=threads or table_threads(table), target=target)
+            measured = time_artifact(tmp, flow, workload, threads=threads, target=target, notice=notice)
+            if loop.can_act() and not loop.rounds and not measured["noisy"] and loop.over(measured["median"]):
+                raise OverBudget(measured)  # discards this artifact: feedback picks again
+        plot_pareto(tmp / "pareto.png", acc.scores(), loop.corrected(), budget_s, result.shape,
+                    f"{elastic.info['name']} on {target['name']} ({flow}, {workload.key()})", "-log(ppl)")
         summary["measured_latency_s"] = measured["median"] if measured else None
         if measured:
             summary["measure_warnings"] = list(measured["environment"].get("warnings") or [])
-            if measured["median"] > budget_s * 1.05:
+            if measured["noisy"]:
+                summary["measure_warnings"].append(
+                    f"other processes kept {measured['other_load']:.1f} CPUs busy while the artifact was timed: the "
+                    "measurement is slower than the machine is")
+            if loop.over(measured["median"]):
                 summary["measure_warnings"].append(
                     f"the artifact measured {measured['median'] * 1e3:.1f} ms against a {budget_s * 1e3:.1f} ms budget "
-                    f"(predicted {result.latency_s * 1e3:.1f} ms): if the machine is busy, re-measure when idle; "
-                    f"if not, re-profile: {command}")
+                    f"(predicted {result.latency_s * 1e3:.1f} ms)" + (
+                        f" after {len(loop.rounds)} feedback rounds" if loop.rounds else
+                        "" if loop.enabled else "; feedback is off") +
+                    f": if the machine is busy, re-measure when idle; if not, re-profile: {command}")
         body["latency"] = {"metric": workload.metric, "workload": workload.to_json(), "budget_s": budget_s,
                            "predicted_s": result.latency_s, "table": str(table_path), "table_source": table.source,
-                           "table_validation": table.validation, "measured": measured}
+                           "table_validation": table.validation, "measured": measured, "feedback": loop.to_json()}
         body["search"] = result.as_dict()
 
-    res = compile_shape(elastic, result.shape, flow, target, out, dtype=dtype, check=check, strategy_dir=strategy_dir,
-                        adapter_dir=adapter_dir, layout=layout, strict=strict, build=build, workload=workload,
-                        before_manifest=finish)
-    summary["out"] = str(out)
+    def measure(shape: Shape) -> dict:
+        return measure_shape(plans.shapes[shape], flow, workload, elastic.dir, quant=plans.quant, threads=threads,
+                             target=target, notice=notice)
+
+    while True:
+        dest = Path(out or f"out/{target['name']}-{flow}-{result.shape}")
+        try:
+            res = compile_shape(elastic, result.shape, flow, target, dest, dtype=dtype, check=check,
+                                strategy_dir=strategy_dir, adapter_dir=adapter_dir, layout=layout, strict=strict,
+                                build=build, workload=workload, before_manifest=finish, force=force,
+                                accept_parity_loss=accept_parity_loss)
+            break
+        except OverBudget as e:
+            result = loop.repick(pick, measure, result, e.measured["median"], notice)
+        except LegalizeLoss as e:
+            refused.add(result.shape)
+            notice(f"{e.reason}: searching again without it")
+            try:
+                result = pick(loop.corrected())
+            except UserError as nothing:
+                raise UserError(f"{nothing} ({flow} cannot run {', '.join(map(str, sorted(refused)))} without losing "
+                                "more accuracy than allowed)") from None
+    summary.update(shape=str(result.shape), predicted_latency_s=result.latency_s, score=result.score,
+                   search=result.as_dict(), parameters=plans.shapes[result.shape].parameters(), out=str(dest),
+                   feedback=loop.to_json())
     summary["dtype"] = res.manifest["dtype"]
     summary["legalize"] = res.manifest["legalize"]
     summary["engine"] = res.manifest["engine"]

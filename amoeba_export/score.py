@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .io import dumps_json, read_json, write_text_atomic
+from .locations import data_dir, shipped
 from .metrics import mc_accuracy, perplexity
 from .shapes import Shape
 
@@ -107,11 +108,30 @@ def strategy_fingerprint(strategy_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def default_path(strategy_dir: Path, cfg: EvalConfig | None = None, adapter: str | None = None) -> Path:
-    """Where a strategy's table lives: beside it, one file per eval set (and per adapter
-    fingerprint: an adapter changes every shape's accuracy)."""
-    suffix = f"-adapter-{adapter}" if adapter else ""
-    return Path(strategy_dir) / f"accuracy-{(cfg or EvalConfig()).key()}{suffix}.json"
+def table_dir(strategy_dir: Path) -> Path:
+    """Where tables scored on a strategy are written: beside it, or, for a strategy shipped inside
+    the package (read-only), in the user's data folder."""
+    strategy_dir = Path(strategy_dir)
+    return data_dir() / "accuracy" / strategy_dir.name if shipped(strategy_dir) else strategy_dir
+
+
+def default_path(strategy_dir: Path, cfg: EvalConfig | None = None, adapter: str | None = None,
+                 model: str | None = None) -> Path:
+    """Where a strategy's table is written: one file per eval set, and per adapter fingerprint (an
+    adapter changes every shape's accuracy) and per model fingerprint when the strategy is used on
+    other weights than it was made for (--allow-other-weights)."""
+    suffix = (f"-model-{model}" if model else "") + (f"-adapter-{adapter}" if adapter else "")
+    return table_dir(strategy_dir) / f"accuracy-{(cfg or EvalConfig()).key()}{suffix}.json"
+
+
+def scored_tables(strategy_dir: Path, adapter: str | None = None, model: str | None = None) -> list[Path]:
+    """The tables already scored on the strategy for this adapter and model (beside the strategy,
+    shipped or not, and in its table folder)."""
+    def owner(name: str):
+        return tuple((m.group(1) if (m := re.search(rf"-{k}-([0-9a-f]+)", name)) else None) for k in ("model", "adapter"))
+
+    folders = dict.fromkeys([Path(strategy_dir), table_dir(strategy_dir)])
+    return sorted(p for d in folders for p in d.glob("accuracy-*.json") if owner(p.name) == (model, adapter))
 
 
 @dataclass

@@ -129,7 +129,7 @@ class SMOL(Adapter):
     width_choice: list[float]  # the router's one-hot order
     router: dict[str, torch.Tensor]  # ROUTER
     experts: Mapping[Key, tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A [E, r, in], B [E, out, r])
-    model: dict = field(default_factory=dict)  # MODEL_KEYS of the base it was made for
+    model: dict = field(default_factory=dict)  # MODEL_KEYS (and fingerprint) of the base it was made for
     meta: dict = field(default_factory=dict)
     _depths: dict[int, list[int]] | None = field(default=None, repr=False, compare=False)
     _gates: dict = field(default_factory=dict, repr=False, compare=False)  # shape -> (g, chosen, z, noise)
@@ -384,4 +384,4 @@ class SMOL(Adapter):
         experts = {(layer, proj): factors(*projection_shape(info, proj)) for layer in range(info["n_layers"]) for proj in targets}
         return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=info["n_layers"],
                    width_choice=[float(w) for w in width_choice], router=router, experts=experts,
-                   model={k: info[k] for k in MODEL_KEYS}, meta={"source": source})
+                   model={k: info[k] for k in (*MODEL_KEYS, "fingerprint") if k in info}, meta={"source": source})

@@ -9,6 +9,8 @@ head (GQA generalisation in method.md), recorded by `LayerWidth.kv_heads`.
 """
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import UserError
 from .io import dumps_json, read_json, safetensors_header
+from .locations import SHIPPED_STRATEGIES, cache_dir
 from .shapes import Shape, ShapeSpace, format_width
 
 FORMAT = "amoeba-export/strategy"
@@ -115,10 +118,11 @@ class Strategy:
         if not directory.is_dir():
             raise UserError(f"missing strategy directory {directory}")
         doc = read_json(directory / "strategy.json")
-        if doc.get("format") != FORMAT:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise UserError(f"{directory / 'strategy.json'} is not an amoeba-export strategy")
         if doc.get("version") != VERSION:
             raise UserError(f"strategy version {doc.get('version')} is not supported (expected {VERSION})")
+        _check_doc(doc, directory / "strategy.json")
         path = directory / "strategy.safetensors"
         safetensors_header(path)
         t = load_file(str(path))
@@ -137,6 +141,48 @@ class Strategy:
         return s
 
 
+# What a strategy directory may hold besides strategy.json: its tensors and the accuracy tables
+# scored on it (and their in-flight temporary files).
+_STRATEGY_FILES = re.compile(r"strategy\.safetensors|accuracy-.*\.json|\.accuracy-.*\.partial-.*")
+
+
+def is_strategy_dir(path: Path) -> bool:
+    """An earlier strategy of ours (what `--force` may replace): strategy.json in our format and
+    nothing but the files a strategy directory holds."""
+    path = Path(path)
+    try:
+        doc = json.loads((path / "strategy.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        return False
+    return all(p.name == "strategy.json" or (p.is_file() and _STRATEGY_FILES.fullmatch(p.name)) for p in path.iterdir())
+
+
+def _check_doc(doc: dict, path: Path) -> None:
+    """strategy.json as data: the fields `load` reads, of the types it reads them as."""
+    def bad(field: str, what: str):
+        raise UserError(f"corrupt strategy {path}: '{field}' {what}")
+
+    model = doc.get("model")
+    if not isinstance(model, dict):
+        bad("model", "must be an object")
+    for k in MODEL_KEYS:
+        if isinstance(model.get(k), bool) or not isinstance(model.get(k), int) or model[k] < 1:
+            bad(f"model.{k}", f"must be a positive integer, got {model.get(k)!r}")
+    depths = doc.get("depths")
+    if not isinstance(depths, dict) or not depths:
+        bad("depths", "must be a non-empty object of depth -> kept layers")
+    for d, layers in depths.items():
+        if not str(d).isdigit() or not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            bad(f"depths.{d}", "must list layer indices")
+    widths = doc.get("widths")
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, str) for w in widths):
+        bad("widths", "must be a non-empty list of width keys")
+    if not isinstance(doc.get("meta", {}), dict):
+        bad("meta", "must be an object")
+
+
 def full_width(model: dict) -> list[LayerWidth]:
     """Keep everything, no compensation: the width-1 plan of our own calibration."""
     h = model["hidden_size"]
@@ -148,13 +194,11 @@ def full_width(model: dict) -> list[LayerWidth]:
     ]
 
 
-SHIPPED = Path(__file__).parent / "strategies"
+SHIPPED = SHIPPED_STRATEGIES
 
 
 def calibrated_dir(info: dict) -> Path:
     """Where `amoeba-export calibrate` writes a model's strategy by default (keyed by fingerprint)."""
-    from .base_model import cache_dir
-
     return cache_dir() / "strategies" / info["fingerprint"]
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+import json
 import math
 import pickle
 import re
@@ -523,3 +524,20 @@ def import_checkpoint(checkpoint_dir, npy_path, model: dict, width_choice: list[
         strategy.meta["dropped_widths"] = [format_width(w) for w in dropped]
     smol.bind(strategy)
     return strategy, smol
+
+
+def is_import_dir(path: Path) -> bool:
+    """An earlier `import-checkpoint` output (what `--force` may replace): exactly our strategy/ and
+    adapter/ directories."""
+    from .smol import FORMAT as ADAPTER_FORMAT
+    from .strategy import is_strategy_dir
+
+    path = Path(path)
+    if {p.name for p in path.iterdir()} != {"strategy", "adapter"} or not is_strategy_dir(path / "strategy"):
+        return False
+    try:
+        doc = json.loads((path / "adapter" / "adapter.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = {p.name for p in (path / "adapter").iterdir()}
+    return isinstance(doc, dict) and doc.get("format") == ADAPTER_FORMAT and names <= {"adapter.json", "adapter.safetensors"}

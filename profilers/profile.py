@@ -6,18 +6,23 @@ a time beside the table, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
-import tempfile
+import os
 from pathlib import Path
 
 from amoeba_export.errors import UserError
 from amoeba_export.exporters import get_exporter, write_artifact
+from amoeba_export.io import scratch_dir
 from amoeba_export.materialize import materialize
 
 from . import gguf, mlc, onnx, pytorch, trtllm
 from .tables import LatencyTable, build_measured, profile_command, strategy_fingerprint
+from .timing import load_snapshot, other_load, quiet_enough, resolve_threads, wait_for_quiet
 from .workload import Workload
 
 PROFILERS = {"pytorch": pytorch, "onnx": onnx, "gguf": gguf, "trtllm": trtllm, "mlc": mlc}
+# Every artifact timing spans at least this long: a shared machine's speed drifts over seconds, and a
+# handful of fast samples catches one moment of it (docs/budgets.md).
+MIN_TIMED_SECONDS = 1.0
 
 
 def cannot_measure(target: dict, flow: str) -> str | None:
@@ -48,17 +53,26 @@ def cannot_measure(target: dict, flow: str) -> str | None:
 
 
 def time_artifact(path: Path, flow: str, workload: Workload, *, threads=None, target: dict | None = None,
-                  **measure_kwargs) -> dict:
-    """Time `workload.metric` on an exported artifact: the Timing fields, the environment, the threads.
-    On a named GPU target a profiler that can time either (PyTorch) times CUDA."""
+                  notice=None, **measure_kwargs) -> dict:
+    """Time `workload.metric` on an exported artifact: the Timing fields, the environment, the threads,
+    and the other processes' load while it ran (`other_load`, `noisy`). On a named GPU target a
+    profiler that can time either (PyTorch) times CUDA."""
     if flow not in PROFILERS:
         raise UserError(f"no profiler for flow {flow!r} on this machine (have: {', '.join(PROFILERS)})")
     if target is not None and target["name"] != "host" and "cpu" in getattr(PROFILERS[flow], "DEVICES", ("cpu",)):
         measure_kwargs.setdefault("device", "cuda")
+    measure_kwargs.setdefault("min_seconds", MIN_TIMED_SECONDS)
+    on_cpu = measure_kwargs.get("device", "cpu") == "cpu"
+    if on_cpu:  # other processes on the cores skew a CPU timing: give them a chance to finish first
+        wait_for_quiet(resolve_threads(threads), notice=notice)
+    before = load_snapshot()
     record = PROFILERS[flow].profile_artifact(path, workload, threads=threads, metrics=(workload.metric,), **measure_kwargs)
     timing = dict(record["timings"][workload.metric])
     timing["environment"] = record["environment"]
     timing["threads"] = record["runtime"]["threads"]
+    # the CPUs other processes kept busy while this ran; noisy: they took cores the timing needed
+    timing["other_load"] = other_load(before) if on_cpu else None
+    timing["noisy"] = on_cpu and not quiet_enough(timing["threads"] or resolve_threads(threads), timing["other_load"])
     return timing
 
 
@@ -68,7 +82,7 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
     compile would for `target` (default: the host), and time `workload` on it."""
     exporter = get_exporter(flow)
     target = target or {"name": "host", "kind": "cpu"}
-    with tempfile.TemporaryDirectory(prefix="amoeba-profile-") as tmp:
+    with scratch_dir("amoeba-profile-") as tmp:
         profiler = PROFILERS.get(flow)
         _, built = write_artifact(exporter, dense, Path(tmp), tokenizer_dir, target, quant=quant, workload=workload,
                                   build=getattr(profiler, "TIMES_BUILD", False),  # it times what the build makes
@@ -81,7 +95,7 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
 def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strategy_dir: Path | None = None,
                   dtype=None, threads=None, n_validate: int = 10, measure_all: bool = False,
                   root: Path | None = None, plans: dict | None = None, quant: str | None = None,
-                  variant: str | None = None, **measure_kwargs) -> tuple[LatencyTable, Path]:
+                  variant: str | None = None, notice=None, **measure_kwargs) -> tuple[LatencyTable, Path]:
     """Measure and store the table. `plans`: every shape's legalised DenseModel (default: as
     materialized, for flows that take every shape as it is), exported with `quant`."""
     reason = cannot_measure(target, flow)
@@ -91,12 +105,27 @@ def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strat
     plans = plans or {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     path = LatencyTable.path(target["name"], flow, elastic.info["name"], workload, root, variant)
-    checkpoint = path.with_name(f".{path.name}.partial")
+    path.parent.mkdir(parents=True, exist_ok=True)  # before any measuring: a folder we cannot write fails now
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write latency tables into {path.parent}: it is read-only for this user")
+    checkpoint = path.with_name(f".{path.name}.checkpoint")
+
+    def measure(shape):
+        """One shape, measured again once if other processes took cores meanwhile; a table is never
+        written from a noisy measurement."""
+        for attempt in range(2):
+            timing = measure_shape(plans[shape], flow, workload, elastic.dir, quant=quant, threads=threads,
+                                   target=target, notice=notice, **measure_kwargs)
+            if not timing.get("noisy"):
+                return timing
+        raise UserError(f"other processes kept {timing['other_load']:.1f} CPUs busy while {shape} was timed: a table "
+                        "measured now would be wrong, so none was written (the shapes measured so far are kept); "
+                        "rerun when the machine is idle, or with fewer --threads")
+
     table = build_measured(
-        plans, lambda s: measure_shape(plans[s], flow, workload, elastic.dir, quant=quant, threads=threads,
-                                       target=target, **measure_kwargs),
+        plans, measure,
         target=target, flow=flow, model=model, strategy=strategy_fingerprint(strategy_dir), workload=workload,
-        n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint,
+        n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint, notice=notice,
     )
     table.provenance["artifact"] = {"quant": quant, "variant": variant}
     table.save(path)

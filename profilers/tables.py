@@ -8,15 +8,15 @@ per-component model
 fitted by non-negative least squares (`FEATURES`), then checked against measurements of *other* shapes: the
 table carries those validation figures (median absolute error, share within ±10%), so a user sees
 how far to trust a prediction. An estimated table comes from the roofline (profilers/roofline.py)
-and says so everywhere. Files: `latency_tables/<target>/<flow>/<model>/<workload>.json`; never
-pickle.
+and says so everywhere. Files: `<target>/<flow>/<model>/<workload>.json` under the user's tables
+folder (written) or the package's `latency_tables/` (shipped, read-only); never pickle.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import json
-import os
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,13 +26,13 @@ import numpy as np
 
 from amoeba_export.errors import UserError
 from amoeba_export.io import dumps_json, read_json, write_text_atomic
+from amoeba_export.locations import SHIPPED_TABLES, tables_dir
 from amoeba_export.shapes import Shape
 
 from .workload import Workload
 
 SCHEMA = 1
 FEATURES = ("fixed", "per_layer", "per_query_head", "per_kv_head", "per_channel")
-ROOT = Path(__file__).resolve().parent.parent / "latency_tables"
 
 
 def features(dense) -> list[float]:
@@ -92,9 +92,44 @@ def strategy_fingerprint(strategy_dir: Path | None) -> str | None:
     return None if strategy_dir is None else fingerprint(strategy_dir)
 
 
+# How far the host's measured copy bandwidth may move before its tables count as from other hardware
+# (the probe's run-to-run spread on one idle machine is a few percent; a different memory system or
+# a busy neighbour moves it by more).
+BANDWIDTH_TOLERANCE = 0.25
+SAME_HARDWARE = ("cpu", "cpu_flags", "cores", "arch", "memory_gib", "gpu")
+
+
 def hardware_fingerprint(target: dict) -> dict:
-    keys = ("name", "cpu", "cores", "arch", "gpu", "memory_bytes")
-    return {k: target.get(k) for k in keys if target.get(k) is not None}
+    """What a table's latencies depend on: CPU model and flags, cores, memory (GiB, rounded: two
+    machines of one type differ by a few KiB), GPU, and the measured memory bandwidth."""
+    out = {k: target.get(k) for k in ("name", "cpu", "cpu_flags", "cores", "arch") if target.get(k) is not None}
+    if target.get("memory_bytes"):
+        out["memory_gib"] = round(target["memory_bytes"] / 2**30)
+    gpu = target.get("gpu")
+    if isinstance(gpu, dict):
+        out["gpu"] = {"name": gpu.get("name"), "arch": gpu.get("arch")}
+    if target.get("bandwidth_gbs") is not None:
+        out["bandwidth_gbs"] = target["bandwidth_gbs"]
+    return out
+
+
+def hardware_differences(recorded: dict | None, now: dict) -> list[str]:
+    """How the machine a table was measured on differs from `now` (both `hardware_fingerprint`s), in
+    words; [] when it is the same machine type. What a table does not record counts as different."""
+    if not recorded:
+        return ["the table records no hardware"]
+    out = []
+    for k in SAME_HARDWARE:
+        a, b = recorded.get(k), now.get(k)
+        if a != b:
+            out.append(f"{k.replace('_', ' ')} {'not recorded' if a is None else a} (here {b})" if k != "cpu_flags"
+                       else ("CPU flags not recorded" if a is None else "CPU flags differ"))
+    a, b = recorded.get("bandwidth_gbs"), now.get("bandwidth_gbs")
+    if a is None and b is not None:
+        out.append("memory bandwidth not recorded")
+    elif b is not None and abs(b / a - 1) > BANDWIDTH_TOLERANCE:
+        out.append(f"memory bandwidth {a:g} GB/s (here {b:g})")
+    return out
 
 
 @dataclass
@@ -122,26 +157,81 @@ class LatencyTable:
     @staticmethod
     def path(target: str, flow: str, model_name: str, workload: Workload, root: Path | None = None,
              variant: str | None = None) -> Path:
-        """`variant` names an artifact other than the flow's default (another dtype or layout)."""
-        root = root or Path(os.environ.get("AMOEBA_EXPORT_TABLES") or ROOT)
-        return Path(root) / target / flow / model_name / f"{workload.key()}{'-' + variant if variant else ''}.json"
+        """Where the table is written: under `root` (`--tables`), else the user's tables folder
+        (locations.tables_dir). `variant` names an artifact other than the flow's default (another
+        dtype or layout)."""
+        return tables_dir(root) / LatencyTable.relative(target, flow, model_name, workload, variant)
+
+    @staticmethod
+    def relative(target: str, flow: str, model_name: str, workload: Workload, variant: str | None = None) -> Path:
+        return Path(target) / flow / model_name / f"{workload.key()}{'-' + variant if variant else ''}.json"
+
+    @staticmethod
+    def find(target: str, flow: str, model_name: str, workload: Workload, root: Path | None = None,
+             variant: str | None = None) -> Path | None:
+        """The table to read: the user's (written by profile or an earlier run), else the one shipped
+        in the package; None when neither exists."""
+        rel = LatencyTable.relative(target, flow, model_name, workload, variant)
+        for base in (tables_dir(root), SHIPPED_TABLES):
+            if (base / rel).is_file():
+                return base / rel
+        return None
 
     def save(self, path: Path) -> None:
         write_text_atomic(path, dumps_json(asdict(self)))
 
     @classmethod
     def load(cls, path: Path) -> "LatencyTable":
+        """Read a table, checked as data: every latency a positive finite number of seconds."""
         doc = read_json(path)
+        if not isinstance(doc, dict):
+            raise UserError(f"corrupt latency table {path}: expected a JSON object")
         if doc.get("schema") != SCHEMA:
             raise UserError(f"latency table {path} has schema {doc.get('schema')}; this version reads {SCHEMA}")
         try:
-            return cls(**doc)
+            table = cls(**doc)
         except TypeError as e:
             raise UserError(f"corrupt latency table {path}: {e}") from None
+        problem = _invalid(table)
+        if problem:
+            raise UserError(f"corrupt latency table {path}: {problem}; re-measure it with `amoeba-export profile` "
+                            "or delete the file")
+        return table
 
-    def check(self, model: dict, strategy: str | None) -> None:
+    def check(self, model: dict, strategy: str | None, shapes=None) -> None:
+        """Refuse a table for another model or strategy, or one that does not list exactly `shapes`."""
         if self.model.get("fingerprint") != model.get("fingerprint") or (strategy and self.strategy and self.strategy != strategy):
             raise UserError("stale latency table for another model or strategy: rerun `amoeba-export profile`")
+        if shapes is not None:
+            want, have = {str(s) for s in shapes}, set(self.entries)
+            if want != have:
+                diff = sorted(want - have) or sorted(have - want)
+                raise UserError(f"latency table for {self.target}/{self.flow} does not match the strategy's shapes "
+                                f"({'lacks' if want - have else 'has extra'} {', '.join(diff[:4])}"
+                                f"{' ...' if len(diff) > 4 else ''}): rerun `amoeba-export profile`")
+
+
+def _seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _invalid(table: LatencyTable) -> str | None:
+    """What makes a loaded table unusable as data, or None."""
+    if table.source not in ("measured", "estimated"):
+        return f"source is {table.source!r}, not measured or estimated"
+    if not isinstance(table.entries, dict) or not table.entries:
+        return "no entries"
+    for key, e in table.entries.items():
+        try:
+            Shape.parse(key)
+        except UserError:
+            return f"entry {key!r} is not a shape"
+        if not isinstance(e, dict) or not _seconds(e.get("predicted")):
+            return f"entry {key}: predicted latency {e.get('predicted') if isinstance(e, dict) else e!r} is not a positive number of seconds"
+        m = e.get("measured")
+        if m is not None and (not isinstance(m, dict) or not _seconds(m.get("median"))):
+            return f"entry {key}: measured median {m.get('median') if isinstance(m, dict) else m!r} is not a positive number of seconds"
+    return None
 
 
 def fit_and_validate_shapes(space, n_validate: int, seed: int = 0) -> tuple[list[Shape], list[Shape]]:
@@ -160,14 +250,36 @@ def fit_and_validate_shapes(space, n_validate: int, seed: int = 0) -> tuple[list
     return fit_set, [rest[i] for i in pick]
 
 
+# A machine whose timings drift from one shape's measurement to the next (a VM sharing its host)
+# shows it in the validation: above this median |error| every shape is measured again, in reverse
+# order, and the samples pooled, up to MAX_PASSES passes (docs/budgets.md).
+REPEAT_ERROR = 0.10
+MAX_PASSES = 3
+
+
+def pool_timings(a: dict, b: dict) -> dict:
+    """Two timing records of one shape as one: samples pooled, statistics recomputed, the environment
+    of the first, the worst load of either."""
+    from .timing import Timing
+
+    t = Timing.from_samples(a["samples"] + b["samples"], stop_reason=b.get("stop_reason", "stable"),
+                            warmup=a.get("warmup", 0), timer=a.get("timer", "perf_counter")).to_dict()
+    loads = [x["other_load"] for x in (a, b) if x.get("other_load") is not None]
+    return {**a, **t, "other_load": max(loads) if loads else None, "noisy": bool(a.get("noisy") or b.get("noisy")),
+            "passes": a.get("passes", 1) + b.get("passes", 1)}
+
+
 def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict], *, target: dict, flow: str,
                    model: dict, strategy: str | None, workload: Workload, n_validate: int = 10,
-                   measure_all: bool = False, checkpoint: Path | None = None, progress: bool = True) -> LatencyTable:
+                   measure_all: bool = False, checkpoint: Path | None = None, progress: bool = True,
+                   notice: Callable[[str], None] | None = None) -> LatencyTable:
     """Measure the fit shapes (and validation shapes, or every shape), fit, predict the rest.
 
     `plans` maps every shape to its DenseModel plan (for features); `measure(shape)` returns the
     timing record of the workload's metric ({median, p10, p90, samples, ...}, seconds). With a
     checkpoint, every measurement is saved at once and reused by a rerun with the same settings.
+    When the fit misses the validation shapes by more than REPEAT_ERROR (median), the machine's
+    timings are drifting: every shape is measured again and the samples pooled (MAX_PASSES).
     """
     from tqdm import tqdm
 
@@ -177,30 +289,47 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
     fit_set, val_set = fit_and_validate_shapes(space, n_validate)
     todo = list(space) if measure_all else fit_set + val_set
     settings = {"target": target["name"], "flow": flow, "model": model.get("fingerprint"), "strategy": strategy,
-                "workload": workload.to_json(), "hardware": hardware_fingerprint(target)}
+                "workload": workload.to_json()}
+    hardware = hardware_fingerprint(target)
     done: dict[str, dict] = {}
     if checkpoint is not None and Path(checkpoint).is_file():
-        with contextlib.suppress(UserError):  # an unreadable checkpoint is measured again
+        with contextlib.suppress(UserError, AttributeError, TypeError):  # an unreadable checkpoint is measured again
             saved = read_json(checkpoint)
-            if saved.get("settings") == json.loads(json.dumps(settings)):
-                done = saved["measured"]
+            if saved.get("settings") == json.loads(json.dumps(settings)) and not hardware_differences(saved.get("hardware"), hardware):
+                done = {k: v for k, v in saved["measured"].items() if isinstance(v, dict) and _seconds(v.get("median"))}
+    def save():
+        if checkpoint is not None:
+            write_text_atomic(checkpoint, json.dumps({"settings": settings, "hardware": hardware, "measured": done}))
+
     bar = tqdm(todo, desc=f"profiling {flow} on {target['name']}", unit="shape", disable=not progress)
     for shape in bar:
         if str(shape) in done:
             continue
         done[str(shape)] = measure(shape)
-        if checkpoint is not None:
-            write_text_atomic(checkpoint, json.dumps({"settings": settings, "measured": done}))
-    coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
-    entries = {}
-    for shape, dense in plans.items():
-        e = {"predicted": predict(coef, features(dense))}
-        if str(shape) in done:
-            e["measured"] = done[str(shape)]
-        entries[str(shape)] = e
+        save()
     checked = [s for s in (list(space) if measure_all else val_set) if s not in fit_set]
-    validation = validation_figures([entries[str(s)]["predicted"] for s in checked], [done[str(s)]["median"] for s in checked])
-    validation["shapes"] = [str(s) for s in checked]
+    passes = 1
+    while True:
+        coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
+        entries = {}
+        for shape, dense in plans.items():
+            e = {"predicted": predict(coef, features(dense))}
+            if str(shape) in done:
+                e["measured"] = done[str(shape)]
+            entries[str(shape)] = e
+        validation = validation_figures([entries[str(s)]["predicted"] for s in checked],
+                                        [done[str(s)]["median"] for s in checked])
+        error = validation["median_abs_rel_error"]
+        if error is None or error <= REPEAT_ERROR or passes >= MAX_PASSES:
+            break
+        passes += 1
+        if notice is not None:
+            notice(f"the fit misses the validation shapes by {error:.0%} (median): this machine's timings drift, so "
+                   f"every shape is measured again and the samples pooled (pass {passes} of {MAX_PASSES})")
+        for shape in tqdm(list(reversed(todo)), desc=f"profiling pass {passes}", unit="shape", disable=not progress):
+            done[str(shape)] = pool_timings(done[str(shape)], measure(shape))
+            save()
+    validation.update(shapes=[str(s) for s in checked], passes=passes)
     table = LatencyTable(
         target=target["name"], flow=flow, model=model, strategy=strategy, workload=workload.to_json(), source="measured",
         entries=entries, component={"features": list(FEATURES), "coef": coef, "fit_shapes": [str(s) for s in fit_set]},

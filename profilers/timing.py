@@ -105,13 +105,15 @@ def is_stable(samples: list[float], window: int, rel_tol: float) -> bool:
 def measure(fn: Callable[[], object], *, warmup: int = 3, min_repeats: int = 5, max_repeats: int = 50,
             max_seconds: float = 20.0, rel_tol: float = 0.02, sync: Callable[[], object] | None = None,
             setup: Callable[[], object] | None = None, cuda_events: bool = False, window: int = 2,
-            clock: Callable[[], float] = time.perf_counter) -> Timing:
+            clock: Callable[[], float] = time.perf_counter, min_seconds: float = 0.0) -> Timing:
     """Time `fn()`: `warmup` untimed calls, then repeat until the median is stable or a cap is hit.
 
     Stable: at least `min_repeats` samples (and `window + 3`, so the earlier median has three
-    samples behind it), and the median of all samples differs from the median without the last
-    `window` samples by at most `rel_tol` of it. Caps: `max_repeats` samples, or `max_seconds` of
-    timed phase (by `clock`; warm-up not counted, at least one sample always taken).
+    samples behind it) over at least `min_seconds` of timed phase, and the median of all samples
+    differs from the median without the last `window` samples by at most `rel_tol` of it. Caps:
+    `max_repeats` samples (once `min_seconds` have passed), or `max_seconds` of timed phase (by
+    `clock`; warm-up not counted, at least one sample always taken). `min_seconds` spreads the
+    samples over a window long enough to average a machine whose speed drifts (a shared VM).
 
     `setup()` runs before every call, untimed (e.g. rewinding a KV cache so every sample starts
     from the same state). `sync()` runs before each start and end clock read: pass
@@ -139,9 +141,10 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, min_repeats: int = 5, 
         need = max(min_repeats, window + 3)
         while True:
             samples.append(once())
-            if len(samples) >= need and is_stable(samples, window, rel_tol):
+            long_enough = clock() - start >= min_seconds
+            if len(samples) >= need and long_enough and is_stable(samples, window, rel_tol):
                 reason = "stable"
-            elif len(samples) >= max_repeats:
+            elif len(samples) >= max_repeats and long_enough:
                 reason = "max_repeats"
             elif clock() - start >= max_seconds:
                 reason = "max_seconds"
@@ -373,6 +376,64 @@ def _jetson() -> dict | None:
         except (OSError, subprocess.SubprocessError):
             pass
     return out
+
+
+# ---------------------------------------------------------------- other load
+
+def load_snapshot() -> tuple | None:
+    """All CPUs' busy and total jiffies (/proc/stat) and this process's CPU seconds, now; None where
+    /proc/stat is not readable. Two snapshots give the other processes' load between them."""
+    try:
+        fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, IndexError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    own = os.times()
+    return sum(fields) - idle, sum(fields), own.user + own.system, own.elapsed
+
+
+def other_load(since: tuple | None, until: tuple | None = None) -> float | None:
+    """CPUs kept busy by *other* processes between two snapshots (this process's own threads taken
+    out). The load average lags by a minute and counts waiting processes; this is what a
+    measurement actually competed with."""
+    until = until or load_snapshot()
+    if since is None or until is None or until[1] <= since[1]:
+        return None
+    everyone = (until[0] - since[0]) / (until[1] - since[1]) * (os.cpu_count() or 1)
+    mine = (until[2] - since[2]) / max(until[3] - since[3], 1e-9)
+    return round(max(0.0, everyone - mine), 2)
+
+
+def busy_cpus(interval: float = 0.3) -> float | None:
+    """Other processes' load over the next `interval` seconds."""
+    start = load_snapshot()
+    time.sleep(interval)
+    return other_load(start)
+
+
+def quiet_enough(threads: int, busy: float | None) -> bool:
+    """Whether `threads` timing threads get their cores: other load fits in the cores they leave free
+    (half a core of slack for daemons)."""
+    return busy is None or busy <= max(0.5, len(usable_cpus()) - threads + 0.5)
+
+
+def wait_for_quiet(threads: int, max_wait_s: float | None = None, notice: Callable[[str], None] | None = None) -> float | None:
+    """Wait (up to `max_wait_s`, default $AMOEBA_EXPORT_QUIET_WAIT or 60 s) until other processes
+    leave `threads` cores free; returns the other load seen last (CPUs), so the caller can refuse or
+    flag a measurement taken while it stayed busy."""
+    if max_wait_s is None:
+        max_wait_s = float(os.environ.get("AMOEBA_EXPORT_QUIET_WAIT", "60"))
+    busy = busy_cpus()
+    deadline = time.monotonic() + max_wait_s
+    told = False
+    while not quiet_enough(threads, busy) and time.monotonic() < deadline:
+        if notice is not None and not told:
+            notice(f"{busy:.1f} of {len(usable_cpus())} CPUs are busy with other processes: waiting up to "
+                   f"{max_wait_s:.0f} s for them before timing with {threads} thread{'s' if threads > 1 else ''}")
+            told = True
+        time.sleep(1.0)
+        busy = busy_cpus()
+    return busy
 
 
 def profile_record(path, workload, timings: dict, env: dict, runtime: dict, measure_kwargs: dict) -> dict:

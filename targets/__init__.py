@@ -178,6 +178,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> str | None:
+    """A short digest of the CPU's feature flags (x86 "flags", Arm "Features"): two CPUs sold under
+    one name can differ in the vector units the kernels use."""
+    import hashlib
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(set(line.split(":", 1)[1].split())))
+                return hashlib.sha256(flags.encode()).hexdigest()[:12]
+    except OSError:
+        pass
+    return None
+
+
 def detect_host() -> dict:
     """The running machine as a target. Probes run once per process; each call returns a fresh copy."""
     return copy.deepcopy(_detect_host())
@@ -206,6 +221,7 @@ def _detect_host() -> dict:
         "arch": platform.machine(),
         "arch_source": DETECTED,
         "cpu": cpu, "cpu_source": DETECTED,
+        "cpu_flags": cpu_flags(), "cpu_flags_source": DETECTED + " (sha256 of the sorted /proc/cpuinfo flags)",
         "cores": cores, "cores_source": DETECTED + " (os.cpu_count: logical CPUs)",
         "memory": {"value_gib": mem / 2**30 if mem else None, "unified": gpu is None, "source": DETECTED + " (physical pages x page size)"},
         "memory_bytes": mem,

@@ -92,12 +92,12 @@ def test_a_failing_row_does_not_stop_the_others(setup, tables, capsys, tmp_path)
     model, sdir, _ = setup
     f = tmp_path / "m.toml"
     f.write_text('[[artifact]]\ntarget = "a5000"\nflow = "trtllm"\nbudget = "0.001us"\n'
-                 '[[artifact]]\ntarget = "jetson-orin"\nflow = "mlc"\nshape = "4x0.5"\n')
+                 '[[artifact]]\ntarget = "jetson-orin"\nflow = "mlc"\nshape = "4x1.0"\n')
     code, stdout, err = run(capsys, "matrix", str(f), "--model", str(model), "--strategy", str(sdir),
                             "--out", str(tmp_path / "dist"), "--no-verify")
     assert code == 2 and "1 of 2 artifacts failed: a5000-trtllm-0.001us" in err and "Traceback" not in err
     assert "no shape fits" in (tmp_path / "dist" / "summary.md").read_text()
-    assert (tmp_path / "dist" / "jetson-orin-mlc-4x0.5" / "manifest.json").is_file()
+    assert (tmp_path / "dist" / "jetson-orin-mlc-4x1.0" / "manifest.json").is_file()
     assert not (tmp_path / "dist" / "a5000-trtllm-0.001us").exists()
 
 

@@ -14,13 +14,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.io import atomic_dir
+from amoeba_export.errors import notice as default_notice
+from amoeba_export.io import atomic_dir, check_destination, output_lock, write_atomic, write_text_atomic
 from amoeba_export.metrics import mc_accuracy
-from amoeba_export.strategy import Strategy, calibrated_dir
+from amoeba_export.strategy import Strategy, calibrated_dir, is_strategy_dir
 
 from .data import load_texts, mc_items, pack_tokens
 from .depth import LayerRunner, dp_select, kept_layers, ppl_evaluator
@@ -71,7 +72,8 @@ def depth_evaluator(elastic: ElasticModel, cfg: CalibrationConfig):
     return evaluate, True
 
 
-def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None) -> tuple[Strategy, Path]:
+def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None, force: bool = False,
+                    notice=default_notice) -> tuple[Strategy, Path]:
     t0 = time.time()
     elastic = ElasticModel(model)
     info = elastic.info
@@ -80,25 +82,47 @@ def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None
     if any(not 0 < w <= 1 for w in cfg.widths):
         raise UserError("widths must be in (0, 1]")
     out = Path(out) if out is not None else calibrated_dir(info)
-    work = out.parent / f".{out.name}.calibration"
+    check_destination(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,))
+    with output_lock(out):
+        strategy = _calibrate(elastic, cfg, min_depth, out.parent / f".{out.name}.calibration", notice, t0)
+        with atomic_dir(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,), notice=notice) as tmp:
+            strategy.save(tmp)
+        shutil.rmtree(out.parent / f".{out.name}.calibration", ignore_errors=True)
+    return strategy, out
+
+
+def _calibrate(elastic: ElasticModel, cfg: CalibrationConfig, min_depth: int, work: Path, notice, t0: float) -> Strategy:
+    """The DP and FLAP, checkpointed in `work`: a rerun with the same settings resumes, other
+    settings start over, and an unreadable checkpoint is reported and redone."""
+    info = elastic.info
+    L = info["n_layers"]
     settings = {**asdict(cfg), "min_depth": min_depth, "fingerprint": info["fingerprint"]}
-    if work.is_dir() and (not (work / "settings.json").is_file() or json.loads((work / "settings.json").read_text()) != json.loads(json.dumps(settings))):
-        shutil.rmtree(work)
+    if work.is_dir():
+        try:
+            same = json.loads((work / "settings.json").read_text()) == json.loads(json.dumps(settings))
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "settings.json").write_text(json.dumps(settings))
+    write_text_atomic(work / "settings.json", json.dumps(settings))
     torch.manual_seed(cfg.seed)
 
     evaluate, higher = depth_evaluator(elastic, cfg)
-    tables = dp_select(L, min_depth, cfg.keep_last, evaluate, higher, checkpoint=work / "depth_dp.json")
+    tables = dp_select(L, min_depth, cfg.keep_last, evaluate, higher, checkpoint=work / "depth_dp.json", notice=notice)
     depths = kept_layers(tables, L, cfg.keep_last)
     del evaluate
 
     stats_file = work / "flap_stats.safetensors"
+    stats = None
     if stats_file.is_file():
-        stats = load_file(str(stats_file))
-    else:
+        try:
+            stats = load_file(str(stats_file))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            notice(f"unreadable FLAP statistics checkpoint {stats_file} ({type(e).__name__}): collecting them again")
+    if stats is None:
         stats = collect_stats(elastic.hf_model(), width_windows(elastic, cfg))
-        save_file(stats, str(stats_file))
+        write_atomic(stats_file, lambda f: f.write(save(stats)))
     widths = {}
     for w in cfg.widths:
         if cfg.policy == "flap":
@@ -116,10 +140,7 @@ def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None
     }
     strategy = Strategy(model=info, depths=depths, widths=widths, meta=meta, stats=stats)
     strategy.validate()
-    with atomic_dir(out) as tmp:
-        strategy.save(tmp)
-    shutil.rmtree(work, ignore_errors=True)
-    return strategy, out
+    return strategy
 
 
 def _kept_fraction(per_layer, info) -> float:

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amoeba_export.errors import notice as default_notice
+from amoeba_export.io import write_text_atomic
+
 
 class LayerRunner:
     """Runs an HF LLaMA-family model block by block, from a cached hidden state, on fixed inputs."""
@@ -69,26 +72,38 @@ class DPTables:
 
 
 def dp_select(n_layers: int, min_depth: int, keep_last: int, evaluate: Callable[[int, list[int]], float],
-              higher_is_better: bool, checkpoint: Path | None = None, rows: int | None = None) -> DPTables:
+              higher_is_better: bool, checkpoint: Path | None = None, rows: int | None = None,
+              notice: Callable[[str], None] = default_notice) -> DPTables:
     """Fill the DP tables. `evaluate(first_changed, kept_layers)` scores one candidate.
 
     `rows` stops after that many steps (used by the test that re-runs a slice). With `checkpoint`,
-    each finished row is saved and a rerun resumes after the last saved row.
+    each finished row is saved (atomically) and a rerun resumes after the last saved row; an
+    unreadable checkpoint is reported and the DP starts over.
     """
     N, M = n_layers - keep_last, n_layers - min_depth
     worst = -np.inf if higher_is_better else np.inf
     better = (lambda a, b: a > b) if higher_is_better else (lambda a, b: a < b)
-    d = [[worst] * (M + 1) for _ in range(N + 1)]
-    S: list[list[np.ndarray | None]] = [[None] * (M + 1) for _ in range(N + 1)]
-    for n in range(N + 1):
-        S[n][0] = np.ones(N, dtype=np.int8)
-    start = 1
+
+    def empty():
+        S: list[list[np.ndarray | None]] = [[np.ones(N, dtype=np.int8)] + [None] * M for _ in range(N + 1)]
+        return [[worst] * (M + 1) for _ in range(N + 1)], S, 1
+
+    d, S, start = empty()
     if checkpoint is not None and checkpoint.is_file():
-        saved = json.loads(checkpoint.read_text())
-        for n, (drow, srow) in enumerate(zip(saved["metric"], saved["masks"])):
-            d[n] = [worst if v is None else v for v in drow]
-            S[n] = [None if s is None else np.array([int(c) for c in s], np.int8) for s in srow]
-        start = len(saved["metric"])
+        try:
+            saved = json.loads(checkpoint.read_text())
+            rows_d, rows_s = list(saved["metric"]), list(saved["masks"])
+            if len(rows_d) != len(rows_s) or len(rows_d) > N + 1 or any(len(r) != M + 1 for r in rows_d + rows_s):
+                raise ValueError("its tables do not fit this model and depth range")
+            for n, (drow, srow) in enumerate(zip(rows_d, rows_s)):
+                d[n] = [worst if v is None else float(v) for v in drow]
+                S[n] = [None if s is None else np.array([int(c) for c in s], np.int8) for s in srow]
+                if any(m is not None and m.shape != (N,) for m in S[n]):
+                    raise ValueError("a mask has the wrong length")
+            start = max(1, len(rows_d))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            notice(f"unreadable depth DP checkpoint {checkpoint} ({type(e).__name__}: {e}): starting the DP over")
+            d, S, start = empty()
     last = N if rows is None else min(N, rows)
     total = sum(min(n, M) for n in range(start, last + 1))
     bar = tqdm(total=total, desc="depth DP", unit="eval", disable=total == 0)
@@ -106,7 +121,7 @@ def dp_select(n_layers: int, min_depth: int, keep_last: int, evaluate: Callable[
                 d[n][m], S[n][m] = d[n - 1][m], S[n - 1][m]
         if checkpoint is not None:
             tables = _tables(d[: n + 1], S[: n + 1], worst)
-            checkpoint.write_text(json.dumps(tables.to_json()))
+            write_text_atomic(checkpoint, json.dumps(tables.to_json()))
     bar.close()
     return _tables(d[: last + 1], S[: last + 1], worst)
 

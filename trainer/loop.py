@@ -35,7 +35,8 @@ import torch
 from amoeba_export.adapter import PROJECTIONS, checkpoints
 from amoeba_export.elastic import load_elastic
 from amoeba_export.errors import UserError
-from amoeba_export.io import atomic_dir, read_json, write_json
+from amoeba_export.errors import notice as default_notice
+from amoeba_export.io import atomic_dir, check_destination, output_lock, read_json, write_json, write_json_atomic, write_text_atomic
 from amoeba_export.shapes import Shape
 from amoeba_export.materialize import materialize
 from amoeba_export.smol import SMOL
@@ -101,26 +102,80 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def _resume_from(out: Path, cfg: TrainConfig, resume: bool) -> Path | None:
-    """The checkpoint to continue from, after checking its configuration matches."""
+@dataclass
+class Checkpoint:
+    """A checkpoint-N read back whole: the run continues from it."""
+
+    path: Path
+    state: dict  # step, elapsed, config
+    smol: SMOL
+    optimizer: dict
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    state = read_json(path / "trainer_state.json")
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("step"), int):
+        raise UserError(f"{path / 'trainer_state.json'} lacks the step or the configuration")
+    smol = SMOL.load(path / "adapter")
+    try:
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as e:  # torch reports a damaged zip as RuntimeError, a missing file as OSError
+        raise UserError(f"unreadable optimizer state {path / 'optimizer.pt'} ({type(e).__name__})") from None
+    return Checkpoint(path, state, smol, optimizer)
+
+
+def _resume_from(out: Path, cfg: TrainConfig, resume: bool, protect=(), notice=default_notice) -> Checkpoint | None:
+    """The newest readable checkpoint to continue from (a damaged one is reported and skipped),
+    after checking its configuration matches; without `resume`, `out` must not hold anything."""
     found = checkpoints(out)
     if not resume:
         if found or (out / "adapter").exists():
             raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        check_destination(out, ours=lambda _: False, force=False, protect=protect)
         return None
+    check_destination(out, ours=lambda _: True, force=True, protect=protect)
     if not found:
         raise UserError(f"--resume: {out} has no checkpoint-N to continue from")
-    ckpt = found[-1]
-    saved = read_json(ckpt / "trainer_state.json")["config"]
-    now = cfg.to_json()
+    ckpt = None
+    for path in reversed(found):
+        try:
+            ckpt = _read_checkpoint(path)
+            break
+        except UserError as e:
+            notice(f"skipping damaged checkpoint {path.name}: {e}")
+    if ckpt is None:
+        raise UserError(f"--resume: none of the {len(found)} checkpoints in {out} can be read; start a new --out")
+    saved, now = ckpt.state["config"], cfg.to_json()
     differ = [k for k in now if k not in TrainConfig.RESUMABLE and saved.get(k) != now[k]]
     if cfg.schedule == "mlfs" and saved.get("steps") != cfg.steps:
         differ.append("steps")
     if differ:
         k = differ[0]
-        raise UserError(f"--resume: {ckpt.name} was trained with {k}={saved.get(k)!r}, not {now[k]!r}; "
+        raise UserError(f"--resume: {ckpt.path.name} was trained with {k}={saved.get(k)!r}, not {now[k]!r}; "
                         f"resume with the same settings or start a new --out")
     return ckpt
+
+
+def _saved_report(path: Path, notice=default_notice) -> dict:
+    """eval.json of the run being resumed; an unreadable one is reported, and its evaluations redone."""
+    if not path.is_file():
+        return {}
+    try:
+        report = read_json(path)
+        if isinstance(report, dict):
+            return report
+    except UserError:
+        pass
+    notice(f"unreadable {path}: its evaluations are run again")
+    return {}
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a train_log.jsonl line; None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @functools.lru_cache(maxsize=2)
@@ -159,19 +214,26 @@ def evaluate(net: Supernet, packed: instruct.Packed, shapes: list[Shape], accele
     return out
 
 
-def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True) -> dict:
+def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
+          allow_other_weights: bool = False) -> dict:
     """Run (or continue) a training run into `out`; returns the summary written to eval.json."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
-    from tqdm import tqdm
 
     cfg.check()
     out = Path(out)
-    ckpt = _resume_from(out, cfg, resume)
+    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
+    ckpt = _resume_from(out, cfg, resume, protect=(elastic.dir, sdir))
     accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
+    with output_lock(out) if main else contextlib.nullcontext():  # a second run into the same --out is refused
+        return _train(elastic, sdir, cfg, out, ckpt, accelerator, progress)
 
-    elastic, sdir = load_elastic(model, strategy_dir)
+
+def _train(elastic, sdir, cfg: TrainConfig, out: Path, ckpt: Checkpoint | None, accelerator, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    main = accelerator.is_main_process
     strategy = elastic.strategy
     tokenizer = elastic.tokenizer()
     train_pairs, held = instruct.split(instruct.load_pairs(cfg.data), cfg.heldout_fraction)
@@ -180,7 +242,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
 
     widths = sorted(strategy.widths, reverse=True)
     if ckpt is not None:
-        smol = SMOL.load(ckpt / "adapter")
+        smol = ckpt.smol
     else:
         n_experts, top_k = cfg.experts_top_k
         smol = SMOL.init(elastic.info, widths, r=cfg.rank, alpha=cfg.alpha, n_experts=n_experts, top_k=top_k,
@@ -189,22 +251,22 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     net = Supernet(elastic, mixture)
     optimizer = torch.optim.AdamW(mixture.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if ckpt is not None:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(ckpt.optimizer)
     net, optimizer = accelerator.prepare(net, optimizer)
     inner: Supernet = accelerator.unwrap_model(net)
 
     shapes = list(strategy.space)
     # MLFS releases shapes by parameter count (from tensor sizes: nothing is read)
     params = {s: materialize(elastic, s).parameters() for s in shapes} if cfg.schedule == "mlfs" else {}
-    state = read_json(ckpt / "trainer_state.json") if ckpt is not None else {"step": 0, "elapsed": 0.0}
+    state = ckpt.state if ckpt is not None else {"step": 0, "elapsed": 0.0}
     start, elapsed = int(state["step"]), float(state["elapsed"])
-    report = read_json(out / "eval.json") if ckpt is not None and (out / "eval.json").is_file() else {}
+    report = _saved_report(out / "eval.json") if ckpt is not None else {}
     if main:
         out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     if main and ckpt is not None and log_path.is_file():  # drop steps logged after the checkpoint
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] < start]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in log_path.read_text().splitlines() if (n := _logged_step(line)) is not None and n < start]
+        write_text_atomic(log_path, "".join(line + "\n" for line in kept))
 
     def run_eval(label: str):
         if eval_pack is None:
@@ -214,7 +276,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
         report["eval"] = {"pairs": min(cfg.eval_pairs, len(held)), "windows": len(eval_pack),
                           "target_tokens": eval_pack.target_tokens, "seq_len": cfg.seq_len}
         if main:
-            write_json(out / "eval.json", report)
+            write_json_atomic(out / "eval.json", report)
 
     if "before" not in report and cfg.eval_before:
         run_eval("before")
@@ -268,7 +330,7 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
                        "seconds_per_step": round(elapsed / max(step, 1), 2), "config": cfg.to_json(),
                        "strategy": str(sdir), "processes": accelerator.num_processes,
                        "train_windows": len(train_pack), "train_pairs": len(train_pairs), "heldout_pairs": len(held)})
-        write_json(out / "eval.json", report)
+        write_json_atomic(out / "eval.json", report)
     accelerator.wait_for_everyone()
     return report if main else {}  # only the main process reports
 

@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..io import read_json, write_json
+from ..io import read_json, scratch_dir, write_json
 from ..legalize import FlowCaps
 from ..manifest import package_versions
 from ..materialize import DenseModel
@@ -321,7 +320,8 @@ def build_genai(hf_dir: Path, out: Path, precision: str = "fp32", timeout: float
         return {"built": False, "reason": "onnxruntime-genai is not installed (pip install onnxruntime-genai)"}
     out = Path(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    with tempfile.TemporaryDirectory(prefix="amoeba-genai-cache-") as cache:
+    with scratch_dir("amoeba-genai-cache-") as cache:
+        cache = str(cache)
         failure = _run("builder", [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir),
                                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", cache], timeout, env)
         if failure is None and not (out / "genai_config.json").is_file():
