@@ -144,7 +144,6 @@ def cli(ctx, **opts):
 
 def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     """The main command's work, with the options `o` as click parsed them."""
-    target, flow, out, metric, dry_run, as_json = o.target, o.flow, o.out, o.metric, o.dry_run, o.as_json
     from targets import load_target
 
     from .adapter import resolve_adapter_dir
@@ -154,6 +153,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     from .manifest import is_artifact
     from .search import parse_bytes, parse_time
 
+    target, flow, out, metric, dry_run, as_json = o.target, o.flow, o.out, o.metric, o.dry_run, o.as_json
     shape = Shape.parse(o.shape_text) if o.shape_text is not None else None
     budget_s = parse_time(o.budget) if o.budget is not None else None
     memory_budget = parse_bytes(o.memory) if o.memory is not None else None
@@ -241,11 +241,14 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
 @click.option("--validate", "n_validate", type=click.IntRange(min=0), default=10, show_default=True,
               help="Extra shapes measured to validate the fit.")
 @click.option("--all", "measure_all", is_flag=True, help="Measure every shape end to end (slow; the reference).")
+@click.option("--passes", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="Where the fit misses the validation shapes by over 10% (timings that drift, as on a shared VM), "
+              "measure every shape up to this many times and pool the samples.")
 @artifact_options
 @OTHER_WEIGHTS
 @TABLES
-def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, dtype,
-            layout, strict, allow_other_weights, tables):
+def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, passes,
+            dtype, layout, strict, allow_other_weights, tables):
     """Measure a latency table on this machine (resumable) into the user's tables folder (or --tables)."""
     from targets import load_target
 
@@ -263,7 +266,7 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
     plans = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
     tbl, path = profile_table(elastic, tgt, flow, Workload(batch, prompt_len, gen_len, metric), strategy_dir=sdir,
                               threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans.shapes,
-                              quant=plans.quant, variant=plans.variant, root=tables, notice=note)
+                              quant=plans.quant, variant=plans.variant, root=tables, notice=note, passes=passes)
     v = tbl.validation
     click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
                        "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",

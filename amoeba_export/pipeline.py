@@ -408,7 +408,10 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
     def finish(tmp: Path, body: dict) -> None:
         measured = None
         if measurable:
-            measured = time_artifact(tmp, flow, workload, threads=threads, target=target, notice=notice)
+            def timed() -> dict:
+                return time_artifact(tmp, flow, workload, threads=threads, target=target, notice=notice)
+
+            measured = loop.confirm(timed(), timed) if loop.enabled else timed()
             if loop.can_act() and not loop.rounds and not measured["noisy"] and loop.over(measured["median"]):
                 raise OverBudget(measured)  # discards this artifact: feedback picks again
         plot_pareto(tmp / "pareto.png", acc.scores(), loop.corrected(), budget_s, result.shape,

@@ -22,7 +22,7 @@ from .workload import Workload
 PROFILERS = {"pytorch": pytorch, "onnx": onnx, "gguf": gguf, "trtllm": trtllm, "mlc": mlc}
 # Every artifact timing spans at least this long: a shared machine's speed drifts over seconds, and a
 # handful of fast samples catches one moment of it (docs/budgets.md).
-MIN_TIMED_SECONDS = 1.0
+MIN_TIMED_SECONDS = 0.5
 
 
 def cannot_measure(target: dict, flow: str) -> str | None:
@@ -95,7 +95,7 @@ def measure_shape(dense, flow: str, workload: Workload, tokenizer_dir: Path, *, 
 def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strategy_dir: Path | None = None,
                   dtype=None, threads=None, n_validate: int = 10, measure_all: bool = False,
                   root: Path | None = None, plans: dict | None = None, quant: str | None = None,
-                  variant: str | None = None, notice=None, **measure_kwargs) -> tuple[LatencyTable, Path]:
+                  variant: str | None = None, notice=None, passes: int = 1, **measure_kwargs) -> tuple[LatencyTable, Path]:
     """Measure and store the table. `plans`: every shape's legalised DenseModel (default: as
     materialized, for flows that take every shape as it is), exported with `quant`."""
     reason = cannot_measure(target, flow)
@@ -125,7 +125,7 @@ def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strat
     table = build_measured(
         plans, measure,
         target=target, flow=flow, model=model, strategy=strategy_fingerprint(strategy_dir), workload=workload,
-        n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint, notice=notice,
+        n_validate=n_validate, measure_all=measure_all, checkpoint=checkpoint, notice=notice, passes=passes,
     )
     table.provenance["artifact"] = {"quant": quant, "variant": variant}
     table.save(path)

@@ -251,10 +251,9 @@ def fit_and_validate_shapes(space, n_validate: int, seed: int = 0) -> tuple[list
 
 
 # A machine whose timings drift from one shape's measurement to the next (a VM sharing its host)
-# shows it in the validation: above this median |error| every shape is measured again, in reverse
-# order, and the samples pooled, up to MAX_PASSES passes (docs/budgets.md).
+# shows it in the validation. Above this median |error|, with `passes` > 1 (`profile --passes N`),
+# every shape is measured again, in reverse order, and the samples pooled (docs/budgets.md).
 REPEAT_ERROR = 0.10
-MAX_PASSES = 3
 
 
 def pool_timings(a: dict, b: dict) -> dict:
@@ -272,14 +271,15 @@ def pool_timings(a: dict, b: dict) -> dict:
 def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict], *, target: dict, flow: str,
                    model: dict, strategy: str | None, workload: Workload, n_validate: int = 10,
                    measure_all: bool = False, checkpoint: Path | None = None, progress: bool = True,
-                   notice: Callable[[str], None] | None = None) -> LatencyTable:
+                   notice: Callable[[str], None] | None = None, passes: int = 1) -> LatencyTable:
     """Measure the fit shapes (and validation shapes, or every shape), fit, predict the rest.
 
     `plans` maps every shape to its DenseModel plan (for features); `measure(shape)` returns the
     timing record of the workload's metric ({median, p10, p90, samples, ...}, seconds). With a
     checkpoint, every measurement is saved at once and reused by a rerun with the same settings.
     When the fit misses the validation shapes by more than REPEAT_ERROR (median), the machine's
-    timings are drifting: every shape is measured again and the samples pooled (MAX_PASSES).
+    timings are drifting: with `passes` > 1 every shape is measured again (up to `passes` times in
+    all) and the samples pooled; with one pass, the notice says so.
     """
     from tqdm import tqdm
 
@@ -308,7 +308,7 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
         done[str(shape)] = measure(shape)
         save()
     checked = [s for s in (list(space) if measure_all else val_set) if s not in fit_set]
-    passes = 1
+    done_passes = 1
     while True:
         coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
         entries = {}
@@ -320,16 +320,21 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
         validation = validation_figures([entries[str(s)]["predicted"] for s in checked],
                                         [done[str(s)]["median"] for s in checked])
         error = validation["median_abs_rel_error"]
-        if error is None or error <= REPEAT_ERROR or passes >= MAX_PASSES:
+        if error is None or error <= REPEAT_ERROR or done_passes >= passes:
             break
-        passes += 1
+        done_passes += 1
         if notice is not None:
             notice(f"the fit misses the validation shapes by {error:.0%} (median): this machine's timings drift, so "
-                   f"every shape is measured again and the samples pooled (pass {passes} of {MAX_PASSES})")
-        for shape in tqdm(list(reversed(todo)), desc=f"profiling pass {passes}", unit="shape", disable=not progress):
+                   f"every shape is measured again and the samples pooled (pass {done_passes} of {passes})")
+        for shape in tqdm(list(reversed(todo)), desc=f"profiling pass {done_passes}", unit="shape", disable=not progress):
             done[str(shape)] = pool_timings(done[str(shape)], measure(shape))
             save()
-    validation.update(shapes=[str(s) for s in checked], passes=passes)
+    if error is not None and error > REPEAT_ERROR and notice is not None:
+        notice(f"the fit misses the validation shapes by {error:.0%} (median) after {done_passes} pass"
+               f"{'es' if done_passes > 1 else ''}: this machine's timings drift, and predictions carry that error"
+               + ("; `amoeba-export profile --passes 3` measures every shape three times and pools them"
+                  if done_passes == 1 else ""))
+    validation.update(shapes=[str(s) for s in checked], passes=done_passes)
     table = LatencyTable(
         target=target["name"], flow=flow, model=model, strategy=strategy, workload=workload.to_json(), source="measured",
         entries=entries, component={"features": list(FEATURES), "coef": coef, "fit_shapes": [str(s) for s in fit_set]},

@@ -9,7 +9,7 @@ from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.materialize import materialize
 from profilers.profile import profile_table
-from profilers.tables import MAX_PASSES, REPEAT_ERROR, LatencyTable, build_estimated, build_measured, features
+from profilers.tables import REPEAT_ERROR, LatencyTable, build_estimated, build_measured, features
 from profilers.workload import Workload
 from targets import load_target
 
@@ -56,13 +56,17 @@ def test_validation_reports_noise(plans):
 
 def test_a_drifting_machine_is_measured_again_and_pooled(plans):
     """Timings that drift from shape to shape (35% noise) miss the fit's validation by far more than
-    REPEAT_ERROR: every shape is measured again, up to MAX_PASSES, and the samples pooled."""
+    REPEAT_ERROR: one pass says so; with passes=3 every shape is measured three times, samples pooled."""
     _, p = plans
+    notes = []
+    table = build_measured(p, fake_measure(p, noise=0.35), n_validate=4, notice=notes.append, **kwargs())
+    assert table.validation["passes"] == 1 and "`amoeba-export profile --passes 3`" in notes[-1]
     calls, notes = [], []
-    table = build_measured(p, fake_measure(p, noise=0.35, calls=calls), n_validate=4, notice=notes.append, **kwargs())
+    table = build_measured(p, fake_measure(p, noise=0.35, calls=calls), n_validate=4, notice=notes.append, passes=3,
+                           **kwargs())
     measured = [e["measured"] for e in table.entries.values() if "measured" in e]
-    assert table.validation["passes"] == MAX_PASSES and len(calls) == MAX_PASSES * len(measured)
-    assert all(len(m["samples"]) == MAX_PASSES and m["passes"] == MAX_PASSES for m in measured)
+    assert table.validation["passes"] == 3 and len(calls) == 3 * len(measured)
+    assert all(len(m["samples"]) == 3 and m["passes"] == 3 for m in measured)
     assert "measured again and the samples pooled (pass 2 of 3)" in notes[0]
 
 
