@@ -284,12 +284,12 @@ def environment(run_threads: int | None = None) -> dict:
 
 def skew_warnings(env: dict) -> list[str]:
     """Plain-language warnings for an `environment()` record."""
+    # Other processes' load is not judged here: the load average lags by a minute and counts this
+    # process's own recent work; the profiler measures the others' load over the timing itself
+    # (`other_load`, `noisy` in each record).
     out = []
     cores = env.get("usable_cpus") or env.get("logical_cpus") or 1
     threads = env.get("run_threads") or env.get("torch_threads") or cores
-    load = (env.get("loadavg") or [None])[0]
-    if load is not None and load > max(0.5, cores - threads):
-        out.append(f"load average {load:.1f} on {cores} cores: other processes are running; timings will be noisy")
     gov = env.get("governor")
     if isinstance(gov, str) and gov != "performance":
         out.append(f"governor is {gov}: the clock ramps with load, so short timings vary; "

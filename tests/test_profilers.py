@@ -196,7 +196,7 @@ def test_skew_warnings():
     env = {"usable_cpus": 2, "physical_cores": 2, "torch_threads": 2, "loadavg": [2.3, 2.0, 1.9],
            "governor": "powersave"}
     w = skew_warnings(env)
-    assert any("load average 2.3 on 2 cores" in x for x in w)
+    assert not any("load average" in x for x in w)  # it lags and counts our own work: other_load judges load
     assert any("governor is powersave" in x for x in w)
     quiet = {"usable_cpus": 2, "physical_cores": 2, "torch_threads": 2, "loadavg": [0.1, 0.1, 0.1],
              "governor": "performance", "jetson": {"power_mode": "MAXN"}}
