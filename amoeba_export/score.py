@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .errors import notice as default_notice
 from .io import dumps_json, read_json, write_text_atomic
 from .locations import data_dir, shipped
 from .metrics import mc_accuracy, perplexity
@@ -245,7 +246,7 @@ def _provenance(table: AccuracyTable, cfg: EvalConfig) -> dict:
 
 
 def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: bool = True,
-                 strategy_dir: Path | None = None) -> AccuracyTable:
+                 strategy_dir: Path | None = None, notice=default_notice) -> AccuracyTable:
     """Score `shapes` into the table at `out_path`, resuming from what it already holds.
 
     The table is checkpointed after every shape; a rerun with the same model, strategy and eval
@@ -267,8 +268,8 @@ def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: boo
             old = AccuracyTable.load(out_path, model["fingerprint"], sfp)
             if old.eval == ev:
                 table = old
-        except UserError:
-            pass
+        except UserError as e:
+            notice(f"{e}: scoring every shape again into {out_path}")
     if table is None:
         table = AccuracyTable(model=model, strategy_fingerprint=sfp, eval=ev)
     todo = [s for s in shapes if s not in table.entries]

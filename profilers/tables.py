@@ -13,7 +13,6 @@ folder (written) or the package's `latency_tables/` (shipped, read-only); never 
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -293,10 +292,13 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
     hardware = hardware_fingerprint(target)
     done: dict[str, dict] = {}
     if checkpoint is not None and Path(checkpoint).is_file():
-        with contextlib.suppress(UserError, AttributeError, TypeError):  # an unreadable checkpoint is measured again
+        try:
             saved = read_json(checkpoint)
             if saved.get("settings") == json.loads(json.dumps(settings)) and not hardware_differences(saved.get("hardware"), hardware):
                 done = {k: v for k, v in saved["measured"].items() if isinstance(v, dict) and _seconds(v.get("median"))}
+        except (UserError, AttributeError, TypeError) as e:  # an unreadable checkpoint is measured again
+            if notice is not None:
+                notice(f"unreadable profiling checkpoint {checkpoint} ({e}): measuring every shape again")
     def save():
         if checkpoint is not None:
             write_text_atomic(checkpoint, json.dumps({"settings": settings, "hardware": hardware, "measured": done}))

@@ -145,3 +145,29 @@ def test_calibrate_end_to_end_and_exports(tiny_gqa, calib_file, tmp_path):
         for a, b in zip(again.widths[w], strategy.widths[w]):
             assert np.array_equal(a.q_heads, b.q_heads) and np.array_equal(a.channels, b.channels)
             np.testing.assert_allclose(a.o_bias, b.o_bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["depth DP", "FLAP statistics"])
+def test_a_damaged_checkpoint_is_reported_and_redone(tiny_gqa, calib_file, tmp_path, monkeypatch, capsys, stage):
+    """A run stopped after the DP (or after the FLAP statistics) leaves its checkpoint; damaged, the
+    next run says so in one line and redoes that stage instead of failing."""
+    import trainer.calibrate as cal
+
+    cfg = CalibrationConfig(calib=str(calib_file), depth_samples=2, width_samples=4, seq_len=32, min_depth=4)
+    stop = "collect_stats" if stage == "depth DP" else "flap_widths"
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cal, stop, interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(tiny_gqa, cfg, tmp_path / "s")
+    work = tmp_path / ".s.calibration"
+    damaged = work / ("depth_dp.json" if stage == "depth DP" else "flap_stats.safetensors")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    capsys.readouterr()
+    strategy, out = run_calibration(tiny_gqa, cfg, tmp_path / "s")
+    err = capsys.readouterr().err
+    assert f"unreadable {stage}" in err and "Traceback" not in err
+    assert Strategy.load(out).depths == strategy.depths and not work.exists()

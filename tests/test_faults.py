@@ -245,6 +245,22 @@ def test_matrix_row_into_user_files_refused_before_building(model, capsys, tmp_p
     assert listing(tmp_path / "dist") == before
 
 
+def test_damaged_accuracy_table_is_scored_again(model, capsys, tmp_path):
+    s = tmp_path / "s"
+    shutil.copytree(model[1], s)
+    calib = tmp_path / "c.txt"
+    calib.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 90}" for j in range(150)) for i in range(10)))
+    args = ["score", "--model", str(model[0]), "--strategy", str(s), "--heldout", str(calib), "--windows", "2",
+            "--seq-len", "32", "--tasks", ""]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    table = next(p for p in s.glob("accuracy-*.json") if "c-" in p.name)
+    table.write_text(table.read_text()[:100])  # cut short
+    code, _, err = run(capsys, *args)
+    assert code == 0 and "corrupt JSON" in err and "scoring every shape again" in err and "Traceback" not in err
+    assert len(json.loads(table.read_text())["entries"]) == 12
+
+
 # ---------------------------------------------------------------- fingerprints
 
 def fine_tune(src: Path, dst: Path) -> Path:

@@ -91,6 +91,15 @@ def test_resume_measures_only_what_is_missing(plans, tmp_path):
     assert full.entries == first.entries
 
 
+def test_a_damaged_checkpoint_is_reported_and_measured_again(plans, tmp_path):
+    _, p = plans
+    ck = tmp_path / ".t.checkpoint"
+    ck.write_text('{"settings": {"target": "host"}, "measu')  # cut short
+    calls, notes = [], []
+    build_measured(p, fake_measure(p, calls=calls), n_validate=4, checkpoint=ck, notice=notes.append, **kwargs())
+    assert "unreadable profiling checkpoint" in notes[0] and len(calls) == 8 + 4
+
+
 def test_save_load_and_stale_check(plans, tmp_path):
     _, p = plans
     table = build_measured(p, fake_measure(p), n_validate=2, **kwargs())

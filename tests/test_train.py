@@ -238,6 +238,26 @@ def test_resume_continues_exactly(run_inputs, tmp_path):
     assert resolve_adapter_dir(whole) == whole / "checkpoint-6" / "adapter"
 
 
+def test_resume_skips_a_damaged_checkpoint(run_inputs, tmp_path, capsys):
+    """The newest checkpoint damaged and the log's last line cut short (a kill mid-write): resume says
+    so in one line, continues from the checkpoint before, and ends as an uninterrupted run does."""
+    model_dir, root = run_inputs
+    whole = tmp_path / "whole"
+    train(model_dir, root / "strategy", config(root, steps=6, save_every=2, keep=3, eval_pairs=0), whole, progress=False)
+    part = tmp_path / "part"
+    train(model_dir, root / "strategy", config(root, steps=4, save_every=2, keep=3, eval_pairs=0), part, progress=False)
+    (part / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4, "conf')
+    with (part / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 4, "shap')
+    capsys.readouterr()
+    train(model_dir, root / "strategy", config(root, steps=6, save_every=2, keep=3, eval_pairs=0), part, resume=True,
+          progress=False)
+    assert "skipping damaged checkpoint checkpoint-4" in capsys.readouterr().err
+    assert (whole / "adapter" / "adapter.safetensors").read_bytes() == (part / "adapter" / "adapter.safetensors").read_bytes()
+    steps = [json.loads(line)["step"] for line in (part / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))
+
+
 def test_ablations_and_mlfs_run(run_inputs, tmp_path):
     model_dir, root = run_inputs
     lora = train(model_dir, root / "strategy", config(root, adapter="lora", steps=4, eval_pairs=4), tmp_path / "lora", progress=False)
