@@ -113,7 +113,7 @@ def profile_table(elastic, target: dict, flow: str, workload: Workload, *, strat
     def measure(shape):
         """One shape, measured again once if other processes took cores meanwhile; a table is never
         written from a noisy measurement."""
-        for attempt in range(2):
+        for _ in range(2):
             timing = measure_shape(plans[shape], flow, workload, elastic.dir, quant=quant, threads=threads,
                                    target=target, notice=notice, **measure_kwargs)
             if not timing.get("noisy"):
