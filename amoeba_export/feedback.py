@@ -29,7 +29,7 @@ MAX_ROUNDS = 3
 
 
 def spot_shapes(shapes) -> list[Shape]:
-    """The largest, the smallest and the middle shape by predicted cost order (depth, width)."""
+    """The largest, the smallest and the middle shape, in (depth, width) order."""
     ordered = sorted(shapes)
     picks = [ordered[-1], ordered[0], ordered[len(ordered) // 2]]
     return list(dict.fromkeys(picks))[:SPOT_SHAPES]
@@ -132,7 +132,6 @@ class Feedback:
     raw: dict  # the table's latency per shape (s), uncorrected
     enabled: bool = True
     rounds: list[Round] = field(default_factory=list)
-    measured: dict = field(default_factory=dict)  # shape -> measured median here (s)
 
     def over(self, measured_s: float) -> bool:
         return measured_s > self.budget_s * (1 + BUDGET_SLACK)
@@ -141,11 +140,17 @@ class Feedback:
         return self.enabled and len(self.rounds) < MAX_ROUNDS
 
     @property
+    def measured(self) -> dict:
+        """Shape -> its median measured here, from the rounds."""
+        return {Shape.parse(r.shape): r.measured_s for r in self.rounds}
+
+    @property
     def factor(self) -> float:
         """Measured over predicted, pooled over every shape measured here."""
-        if not self.measured:
-            return 1.0
-        return sum(self.measured.values()) / sum(self.raw[s] for s in self.measured)
+        return self._factor(self.measured)
+
+    def _factor(self, measured: dict) -> float:
+        return sum(measured.values()) / sum(self.raw[s] for s in measured) if measured else 1.0
 
     def corrected(self) -> dict:
         """Every shape's latency: measured here where it was, else the table's times the factor."""
@@ -161,8 +166,7 @@ class Feedback:
         return min((timing, again()), key=lambda t: t["median"])
 
     def record(self, shape: Shape, predicted_s: float, measured_s: float) -> Round:
-        self.measured[shape] = measured_s
-        r = Round(str(shape), predicted_s, measured_s, self.factor)
+        r = Round(str(shape), predicted_s, measured_s, self._factor({**self.measured, shape: measured_s}))
         self.rounds.append(r)
         return r
 

@@ -275,7 +275,7 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     spot-checked here when it was measured on other hardware (`correct`); else measured here (this
     machine can: `measurable`), or estimated. `command` measures it on the device. Tables are
     written under `tables` (default: the user's tables folder), never into the package."""
-    from profilers.profile import measure_shape, profile_table
+    from profilers.profile import profile_table
     from profilers.tables import (LatencyTable, build_estimated, hardware_differences, hardware_fingerprint,
                                   strategy_fingerprint)
 
@@ -307,10 +307,8 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
                 return table, found
             notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): spot-checking "
                    f"{SPOT_SHAPES} shapes here")
-            threads = threads or table_threads(table)
-            check = spot_check(table, lambda s: measure_shape(plans.shapes[s], flow, workload, elastic.dir,
-                                                              quant=plans.quant, threads=threads, target=target,
-                                                              notice=notice))
+            check = spot_check(table, shape_timer(elastic, plans, flow, workload, target,
+                                                  threads or table_threads(table), notice))
             if check.noisy:
                 notice(f"spot check taken while other processes held the cores ({check.describe()}): not acted on; "
                        f"re-measure when the machine is idle with: {command}")
@@ -335,6 +333,16 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
            f"measure it{on_device} with: {command}")
     return table, path
+
+
+def shape_timer(elastic: ElasticModel, plans: Plans, flow: str, workload, target: dict, threads: int | None,
+                notice: Callable[[str], None]) -> Callable[[Shape], dict]:
+    """Time a planned shape here as `profile` does (exported to scratch, built as for the table): what
+    the spot check and the feedback rounds measure."""
+    from profilers.profile import measure_shape
+
+    return lambda shape: measure_shape(plans.shapes[shape], flow, workload, elastic.dir, quant=plans.quant,
+                                       threads=threads, target=target, notice=notice)
 
 
 def table_threads(table) -> int | None:
@@ -372,7 +380,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                    tables: Path | None = None, feedback: bool = True) -> dict:
     """score (cached) → latency table (stored, spot-checked, profiled or estimated) → search → compile
     → measure, and with `feedback`, correct and pick again when the artifact measures over budget."""
-    from profilers.profile import cannot_measure, measure_shape, time_artifact
+    from profilers.profile import cannot_measure, time_artifact
     from profilers.tables import profile_command
 
     from .feedback import Feedback, OverBudget
@@ -435,10 +443,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
                            "table_validation": table.validation, "measured": measured, "feedback": loop.to_json()}
         body["search"] = result.as_dict()
 
-    def measure(shape: Shape) -> dict:
-        return measure_shape(plans.shapes[shape], flow, workload, elastic.dir, quant=plans.quant, threads=threads,
-                             target=target, notice=notice)
-
+    measure = shape_timer(elastic, plans, flow, workload, target, threads, notice)
     while True:
         dest = Path(out or f"out/{target['name']}-{flow}-{result.shape}")
         try:

@@ -26,8 +26,7 @@ def main() -> None:
     from amoeba_export.elastic import load_elastic
     from amoeba_export.errors import UserError, notice
     from amoeba_export.feedback import BUDGET_SLACK
-    from amoeba_export.pipeline import compile_budget, legal_plans
-    from profilers.profile import measure_shape
+    from amoeba_export.pipeline import compile_budget, legal_plans, shape_timer
     from profilers.workload import Workload
     from targets import load_target
 
@@ -35,8 +34,7 @@ def main() -> None:
     target, wl = load_target("host"), Workload()
     plans = legal_plans(elastic, args.flow, target)
     dense = elastic.strategy.space.largest
-    timing = measure_shape(plans.shapes[dense], args.flow, wl, elastic.dir, quant=plans.quant, threads=args.threads,
-                           target=target, notice=notice)
+    timing = shape_timer(elastic, plans, args.flow, wl, target, args.threads, notice)(dense)
     dense_s = timing["median"]
     print(f"dense {dense}: {dense_s * 1e3:.1f} ms TPOT here ({timing['threads']} threads, other load "
           f"{timing['other_load']} CPUs)", flush=True)

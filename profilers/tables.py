@@ -225,11 +225,13 @@ def _invalid(table: LatencyTable) -> str | None:
             Shape.parse(key)
         except UserError:
             return f"entry {key!r} is not a shape"
-        if not isinstance(e, dict) or not _seconds(e.get("predicted")):
-            return f"entry {key}: predicted latency {e.get('predicted') if isinstance(e, dict) else e!r} is not a positive number of seconds"
+        predicted = e.get("predicted") if isinstance(e, dict) else e
+        if not _seconds(predicted):
+            return f"entry {key}: predicted latency {predicted!r} is not a positive number of seconds"
         m = e.get("measured")
-        if m is not None and (not isinstance(m, dict) or not _seconds(m.get("median"))):
-            return f"entry {key}: measured median {m.get('median') if isinstance(m, dict) else m!r} is not a positive number of seconds"
+        median = m.get("median") if isinstance(m, dict) else m
+        if m is not None and not _seconds(median):
+            return f"entry {key}: measured median {median!r} is not a positive number of seconds"
     return None
 
 
@@ -310,27 +312,19 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
         done[str(shape)] = measure(shape)
         save()
     checked = [s for s in (list(space) if measure_all else val_set) if s not in fit_set]
+    coef, entries, validation = _fitted(plans, fit_set, checked, done)
     done_passes = 1
-    while True:
-        coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
-        entries = {}
-        for shape, dense in plans.items():
-            e = {"predicted": predict(coef, features(dense))}
-            if str(shape) in done:
-                e["measured"] = done[str(shape)]
-            entries[str(shape)] = e
-        validation = validation_figures([entries[str(s)]["predicted"] for s in checked],
-                                        [done[str(s)]["median"] for s in checked])
-        error = validation["median_abs_rel_error"]
-        if error is None or error <= REPEAT_ERROR or done_passes >= passes:
-            break
+    while done_passes < passes and (validation["median_abs_rel_error"] or 0) > REPEAT_ERROR:
         done_passes += 1
         if notice is not None:
-            notice(f"the fit misses the validation shapes by {error:.0%} (median): this machine's timings drift, so "
-                   f"every shape is measured again and the samples pooled (pass {done_passes} of {passes})")
+            notice(f"the fit misses the validation shapes by {validation['median_abs_rel_error']:.0%} (median): this "
+                   f"machine's timings drift, so every shape is measured again and the samples pooled (pass "
+                   f"{done_passes} of {passes})")
         for shape in tqdm(list(reversed(todo)), desc=f"profiling pass {done_passes}", unit="shape", disable=not progress):
             done[str(shape)] = pool_timings(done[str(shape)], measure(shape))
             save()
+        coef, entries, validation = _fitted(plans, fit_set, checked, done)
+    error = validation["median_abs_rel_error"]
     if error is not None and error > REPEAT_ERROR and notice is not None:
         notice(f"the fit misses the validation shapes by {error:.0%} (median) after {done_passes} pass"
                f"{'es' if done_passes > 1 else ''}: this machine's timings drift, and predictions carry that error"
@@ -343,6 +337,21 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
         validation=validation, provenance=_provenance(target, done),
     )
     return table
+
+
+def _fitted(plans: dict, fit_set: list[Shape], checked: list[Shape], done: dict) -> tuple[list[float], dict, dict]:
+    """(the per-component model fitted on `fit_set`, every shape's entry, the validation figures on
+    `checked`) from the measurements `done`."""
+    coef = fit([features(plans[s]) for s in fit_set], [done[str(s)]["median"] for s in fit_set])
+    entries = {}
+    for shape, dense in plans.items():
+        e = {"predicted": predict(coef, features(dense))}
+        if str(shape) in done:
+            e["measured"] = done[str(shape)]
+        entries[str(shape)] = e
+    validation = validation_figures([entries[str(s)]["predicted"] for s in checked],
+                                    [done[str(s)]["median"] for s in checked])
+    return coef, entries, validation
 
 
 def build_estimated(plans: dict[Shape, object], *, target: dict, flow: str, model: dict, strategy: str | None,

@@ -1,5 +1,6 @@
 """Installed like any package: a wheel in a clean virtualenv runs a budgeted search from the tables
 it carries, and writes nothing into site-packages or the source tree."""
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,8 +24,15 @@ def installed(tmp_path_factory):
     """A virtualenv with only the wheel installed in it; its dependencies are this environment's,
     reached through a path file (so nothing is downloaded), never this checkout."""
     tmp = tmp_path_factory.mktemp("install")
+    # built from a copy of the tracked files: setuptools writes build/ and *.egg-info beside its source
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for name in filter(None, files):
+        src, dst = ROOT / name.decode(), tmp / "src" / name.decode()
+        if src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"),
-                    str(ROOT)], check=True, capture_output=True)
+                    str(tmp / "src")], check=True, capture_output=True)
     wheel = next((tmp / "wheel").glob("amoeba_export-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
     bin_ = tmp / "venv" / "bin"

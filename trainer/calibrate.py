@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.errors import notice as default_notice
-from amoeba_export.io import atomic_dir, check_destination, output_lock, write_atomic, write_text_atomic
+from amoeba_export.io import (atomic_dir, check_destination, output_lock, safetensors_header, write_atomic,
+                              write_text_atomic)
 from amoeba_export.metrics import mc_accuracy
 from amoeba_export.strategy import Strategy, calibrated_dir, is_strategy_dir
 
@@ -83,11 +84,12 @@ def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None
         raise UserError("widths must be in (0, 1]")
     out = Path(out) if out is not None else calibrated_dir(info)
     check_destination(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,))
+    work = out.parent / f".{out.name}.calibration"
     with output_lock(out):
-        strategy = _calibrate(elastic, cfg, min_depth, out.parent / f".{out.name}.calibration", notice, t0)
+        strategy = _calibrate(elastic, cfg, min_depth, work, notice, t0)
         with atomic_dir(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,), notice=notice) as tmp:
             strategy.save(tmp)
-        shutil.rmtree(out.parent / f".{out.name}.calibration", ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return strategy, out
 
 
@@ -117,9 +119,10 @@ def _calibrate(elastic: ElasticModel, cfg: CalibrationConfig, min_depth: int, wo
     stats = None
     if stats_file.is_file():
         try:
+            safetensors_header(stats_file)  # a cut-short file is found here, before load_file reads it
             stats = load_file(str(stats_file))
-        except Exception as e:  # safetensors raises its own error type for a damaged file
-            notice(f"unreadable FLAP statistics checkpoint {stats_file} ({type(e).__name__}): collecting them again")
+        except UserError as e:
+            notice(f"unreadable FLAP statistics checkpoint ({e}): collecting them again")
     if stats is None:
         stats = collect_stats(elastic.hf_model(), width_windows(elastic, cfg))
         write_atomic(stats_file, lambda f: f.write(save(stats)))
