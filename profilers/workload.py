@@ -1,6 +1,8 @@
 """What is timed: `Workload(batch, prompt_len, gen_len, metric)`.
 
-The metric is the number a budget bounds (DESIGN.md, "Budgets and units"):
+The metric is the number a budget bounds. `--budget 40ms` means time per output token at batch 1
+and a 128-token prompt unless `--metric`, `--prompt-len`, `--gen-len` or `--batch` say otherwise;
+a budget needs a unit (ms, s, us), and a bare or negative number is an error. The metrics:
 
 - ``tpot``: time per output token, one decode step with a KV cache of `prompt_len` tokens
   (the default meaning of `--budget`);

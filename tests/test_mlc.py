@@ -2,7 +2,7 @@
 
 - apache-tvm's own reader (`tvm.contrib.tvmjs.load_tensor_cache`) reads what `emit` writes, and
   tvm's own writer, given the same tensors, writes byte-identical shards (the sharding rule);
-- q4f16_1 is checked bit for bit against an independent NumPy reading of formats.md §5.3 (and the
+- q4f16_1 is checked bit for bit against an independent NumPy reading of docs/formats.md §7.2 (and the
   quantiser's arithmetic against a TVM CPU kernel of the same formula);
 - `load` (NumPy forward over the cache, un-fused to HF names) is compared with a PyTorch forward of
   the same legalised model with the same stored weights: q0f32 the model itself, q0f16 its weights
@@ -47,10 +47,10 @@ def emit(dense, out, tokenizer_dir, quant, workload=None):
     return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload)
 
 
-# ---------------------------------------------------------------- the reference q4 (formats.md §5.3)
+# ---------------------------------------------------------------- the reference q4 (docs/formats.md §7.2)
 
 def ref_quantize(w, dtype=np.float16):
-    """§5.3 read independently: pad K to groups of 32, fp16 scale = max|w| / 7, q = round-half-even(w /
+    """§7.2 read independently: pad K to groups of 32, fp16 scale = max|w| / 7, q = round-half-even(w /
     scale + 7) clipped to 0..14 (0/0 of an all-zero group counts as 0, ±inf as 14 / 0), eight nibbles
     per uint32 from the lowest up."""
     w = np.asarray(w).astype(dtype)

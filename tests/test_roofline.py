@@ -15,7 +15,7 @@ def llama2_7b(layers=32, heads=32, ff=11008):
 
 
 def test_mlc_on_agx_orin_matches_the_published_decode_speed():
-    """prior-art.md §8: MLC q4f16_1 Llama-2-7B decodes at 46.9 tok/s on AGX Orin (input 16, output
+    """docs/devices.md §3: MLC q4f16_1 Llama-2-7B decodes at 46.9 tok/s on AGX Orin (input 16, output
     128). The estimate uses the target file's 0.85 efficiency, itself derived from that figure, so
     this checks the byte count (3.72 GB/token) and the units, not the efficiency."""
     tpot, detail = estimate(llama2_7b(), load_target("jetson-orin"), "mlc", Workload(1, 16, 128, "tpot"))

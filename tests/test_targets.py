@@ -71,7 +71,7 @@ def test_jetson_flows_and_cited_mlc_efficiency():
     assert set(orin["flows"]) == set(targets.FLOWS)
     assert orin["flow_defaults"]["trtllm"]["version"] == "0.12.0-jetson"
     mlc = orin["flow_defaults"]["mlc"]
-    assert mlc["dtype"] == "q4f16_1" and mlc["efficiency"] == 0.85 and "prior-art.md §8" in mlc["efficiency_source"]
+    assert mlc["dtype"] == "q4f16_1" and mlc["efficiency"] == 0.85 and "docs/devices.md §3" in mlc["efficiency_source"]
     assert "MAXN" in orin["power"]["modes"]
 
 

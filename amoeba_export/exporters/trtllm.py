@@ -1,13 +1,13 @@
-"""The TensorRT-LLM flow: one directory that serves both TensorRT-LLM lines (formats.md §3).
+"""The TensorRT-LLM flow: one directory that serves both TensorRT-LLM lines (docs/formats.md §5).
 
 - The directory itself is the Hugging Face directory of the PyTorch flow (stock `LlamaForCausalLM`):
   TensorRT-LLM 1.x's PyTorch backend loads it as it is (`trtllm-serve DIR`, `LLM(model=DIR)`).
 - `trtllm_checkpoint/` is the unified checkpoint (`config.json` + `rank0.safetensors`) that
   `trtllm-build` compiles into an engine on TensorRT-LLM <= 1.2 and on Jetson's v0.12.0-jetson
   branch. It is written here, not by TensorRT-LLM's `convert_checkpoint.py`, because that converter
-  drops `mlp_bias` (§3.2) and our o/down compensation biases need it.
+  drops `mlp_bias` (§5.2) and our o/down compensation biases need it.
 - `build.sh` runs on the device: engines are specific to the GPU architecture, and TensorRT-LLM
-  cannot be installed on a machine without one (§3.5).
+  cannot be installed on a machine without one (§5.3).
 
 Nothing of TensorRT-LLM runs here, so `load` checks the checkpoint by reading it back by its
 TensorRT-LLM names (fused qkv split by head counts, `mlp.fc` = gate_proj, `mlp.gate` = up_proj)
@@ -37,9 +37,9 @@ from . import pytorch
 from .device import SCRIPT, run_script, skipped, write_script
 
 NAME = "trtllm"
-# formats.md §1.1 and §3: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
+# docs/formats.md §1 and §5: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
 # biases); the HF directory for the PyTorch backend is the stock class, so heads must divide hidden.
-# int4_awq groups 64 or 128 in-features (§1.3): n_ff is padded (exactly) to a multiple of 64.
+# int4_awq groups 64 or 128 in-features (§3): n_ff is padded (exactly) to a multiple of 64.
 HEAD_DIMS = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
 CAPS = FlowCaps(per_layer=False, o_down_bias=True, head_dims=HEAD_DIMS,
                 quants=("float16", "bfloat16", "float32", "int4_awq", "int8_wo", "int4_wo"),
@@ -104,7 +104,7 @@ def checkpoint_dtype(dense: DenseModel, quant: str | None) -> torch.dtype:
 
 
 def unified_config(dense: DenseModel, dtype: torch.dtype) -> dict:
-    """config.json of the unified checkpoint (formats.md §3.2; PretrainedConfig + LLaMAConfig)."""
+    """config.json of the unified checkpoint (docs/formats.md §5.2; PretrainedConfig + LLaMAConfig)."""
     cfg, s = dense.config, dense.layers[0]
     theta, _ = pytorch.rope(cfg)
     return {
@@ -217,7 +217,7 @@ same_model {out}
 """, out
     if cfg["mlp_bias"]:
         raise UserError(f"{quant} goes through TensorRT-LLM's convert_checkpoint.py, which drops this model's MLP "
-                        "(down_proj compensation) biases (formats.md §3.2): use int4_awq or float16")
+                        "(down_proj compensation) biases (docs/formats.md §5.2): use int4_awq or float16")
     bits = quant.removeprefix("int").removesuffix("_wo")
     return f"""
 # {quant}: TensorRT-LLM's weight-only converter, from the Hugging Face directory (the model has no MLP biases,
@@ -328,7 +328,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
     need_examples = "" if quant is None else (
         '\n[[ -n ${TRTLLM_EXAMPLES:-} ]] || die "TRTLLM_EXAMPLES is not set: export TRTLLM_EXAMPLES=<TensorRT-LLM '
         f'checkout of the installed version>/examples (its tools quantise to {quant})"\n')
-    # context FMHA has no float32 kernels and no head size 104 (formats.md §1.1)
+    # context FMHA has no float32 kernels and no head size 104 (docs/formats.md §1)
     fmha = "disable" if dtype == "float32" or cfg["head_size"] == 104 else "enable"
     values = {
         "TARGET": target["name"], "ARCH": arch, "CAP": f"{digits[:-1]}.{digits[-1:]}",
