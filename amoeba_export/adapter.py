@@ -25,10 +25,14 @@ from .shapes import Shape
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def module_path(proj: str) -> str:
+    """A projection's module within a decoder layer: attention projections live under self_attn, the rest under mlp."""
+    return f"{'self_attn' if proj in PROJECTIONS[:4] else 'mlp'}.{proj}"
+
+
 def weight_name(layer: int, proj: str) -> str:
-    """HF name of a projection's weight: attention projections live under self_attn, the rest under mlp."""
-    block = "self_attn" if proj in PROJECTIONS[:4] else "mlp"
-    return f"model.layers.{layer}.{block}.{proj}.weight"
+    """HF name of a projection's weight."""
+    return f"model.layers.{layer}.{module_path(proj)}.weight"
 
 
 def projection_shape(info: dict, proj: str) -> tuple[int, int]:
@@ -69,6 +73,9 @@ class LoRADelta:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * ((x.to(self.A.dtype) @ self.A.T) @ self.B.T).to(x.dtype)
+
+    def to(self, device: torch.device) -> "LoRADelta":
+        return LoRADelta(self.A.to(device), self.B.to(device), self.scale)
 
 
 class Adapter:

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 
 import click
 
+from . import distributed
+from .compute import resolve as resolve_compute
 from .errors import UserError, os_error_message
 from .errors import notice as note
 from .shapes import Shape, parse_width
@@ -75,6 +77,14 @@ WORKLOAD = [
 ]
 
 
+def compute_options(f):
+    """Where and in what precision the model runs (the reference forward, calibration, training)."""
+    f = click.option("--compute-dtype", default="auto", show_default=True, metavar="DTYPE",
+                     help="auto (float32 on the CPU, bfloat16 on CUDA), float32, bfloat16 or float16.")(f)
+    return click.option("--device", default="auto", show_default=True, metavar="DEVICE",
+                        help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.")(f)
+
+
 def workload_options(f):
     for opt in reversed(WORKLOAD):
         f = opt(f)
@@ -120,6 +130,7 @@ def artifact_options(f):
 @STRATEGY
 @ADAPTER
 @OTHER_WEIGHTS
+@compute_options
 @JSON
 @click.pass_context
 def cli(ctx, **opts):
@@ -159,7 +170,8 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     memory_budget = parse_bytes(o.memory) if o.memory is not None else None
     tgt = load_target(target)
     get_exporter(flow)
-    elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights)
+    elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights,
+                                 resolve_compute(o.device, o.compute_dtype))
     adapter_dir = resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None  # what the manifest hashes
     if out is not None and not dry_run:  # refused before any work, and held against a second run until done
         check_destination(Path(out), ours=is_artifact, force=o.force, protect=(elastic.dir, sdir, adapter_dir))
@@ -330,8 +342,9 @@ def shapes(model, strategy_dir, as_json, dtype, allow_other_weights):
 @click.option("--width-samples", type=POSITIVE, default=128, show_default=True, help="Calibration windows for FLAP statistics.")
 @click.option("--seq-len", type=POSITIVE, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@compute_options
 def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit, align, depth_metric, calib,
-              depth_samples, width_samples, seq_len, seed):
+              depth_samples, width_samples, seq_len, seed, device, compute_dtype):
     """Stage-1 calibration: DP depth selection and FLAP width masks with bias compensation (resumable)."""
     from trainer.calibrate import CalibrationConfig, run_calibration
 
@@ -340,7 +353,10 @@ def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit
         policy=policy, head_unit=head_unit, align=align, depth_metric=depth_metric, calib=calib,
         depth_samples=depth_samples, width_samples=width_samples, seq_len=seq_len, seed=seed,
     )
-    strategy, out_dir = run_calibration(model, cfg, out, force=force, notice=note)
+    strategy, out_dir = run_calibration(model, cfg, out, force=force, notice=note,
+                                        compute=resolve_compute(device, compute_dtype))
+    if not distributed.group().main:
+        return
     meta = strategy.meta
     click.echo(table([{"depth": d, "removed layers": ",".join(str(i) for i in sorted(set(range(strategy.model["n_layers"])) - set(ls))) or "-",
                        f"calib {cfg.depth_metric}": f"{meta['depth_metric'][str(d)]:.3f}" if str(d) in meta["depth_metric"] else "-"}
@@ -361,7 +377,9 @@ def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit
 @click.option("--mc-limit", type=POSITIVE, default=None, help="Items per task (default 50).")
 @click.option("--seed", type=int, default=None)
 @OTHER_WEIGHTS
-def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, mc_limit, seed, allow_other_weights):
+@compute_options
+def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, mc_limit, seed, allow_other_weights,
+          device, compute_dtype):
     """Accuracy table: held-out perplexity and multiple-choice accuracy per shape (resumable), beside the strategy
     (one table per adapter: its fingerprint is in the file name)."""
     from .adapter import adapter_fingerprint, resolve_adapter_dir
@@ -371,10 +389,13 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
     given = {"heldout": heldout, "ppl_windows": windows, "seq_len": seq_len, "mc_limit": mc_limit, "seed": seed,
              "mc_tasks": None if tasks is None else tuple(t for t in tasks.split(",") if t)}
     cfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
-    elastic, sdir = load_elastic(model, strategy_dir, adapter_path, allow_other_weights)
+    elastic, sdir = load_elastic(model, strategy_dir, adapter_path, allow_other_weights,
+                                 resolve_compute(device, compute_dtype))
     out = default_path(sdir, cfg, adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None,
                        elastic.info["fingerprint"] if "strategy" in elastic.other_weights else None)
     t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
+    if not distributed.group().main:  # one process of a launch: rank 0 reports
+        return
     click.echo(table([{"shape": str(s), "ppl": f"{e['ppl']:.2f}",
                        "mc acc": f"{e['mc_mean_acc']:.3f}" if e["mc_mean_acc"] is not None else "-",
                        "score": f"{t.score(s):.3f}"} for s, e in sorted(t.entries.items(), reverse=True)],
@@ -419,9 +440,10 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: torch's).")
 @OTHER_WEIGHTS
+@compute_options
 def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr, max_grad_norm, kind, rank, alpha, experts,
           top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, eval_before, save_every, keep,
-          max_minutes, resume, seed, threads, allow_other_weights):
+          max_minutes, resume, seed, threads, allow_other_weights, device, compute_dtype):
     """Stage-2 one-for-all fine-tuning: SMOL adapters, sandwich sampling, in-place distillation with
     loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
     import torch
@@ -438,7 +460,8 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
                       random_subnets=random_subnets, balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha,
                       experts=experts, top_k=top_k, targets=projs, schedule=schedule, stages=stages, seed=seed,
                       save_every=save_every, keep=keep, max_minutes=max_minutes)
-    report = run(model, strategy_dir, cfg, Path(out), resume=resume, allow_other_weights=allow_other_weights)
+    report = run(model, strategy_dir, cfg, Path(out), resume=resume, allow_other_weights=allow_other_weights,
+                 compute=resolve_compute(device, compute_dtype))
     if not report:  # not the main process of a multi-process run
         return
     before, after = report.get("before", {}), report.get("after", {})

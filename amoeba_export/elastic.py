@@ -1,7 +1,8 @@
 """ElasticModel: base weights + Strategy (+ Adapter), with the masked reference forward.
 
 The masked forward is the ground truth every exported artifact is checked against. It runs the
-unmodified base model and only *masks*: skipped decoder blocks leave the residual untouched, the
+unmodified base model, one layer at a time from the memory-mapped weights (layerwise.py,
+docs/reference-forward.md), and only *masks*: skipped decoder blocks leave the residual untouched, the
 inputs of o_proj and down_proj are zeroed on pruned heads and channels (that is what removing them
 means, under MHA and GQA alike), the compensation biases are added to their outputs, and the adapter
 is applied unmerged (`y += s·B(Ax)`). Nothing here slices a weight, so a slicing or merging bug in
@@ -10,17 +11,20 @@ materialize cannot hide in the reference.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors import safe_open
 
-from .adapter import PROJECTIONS, Adapter, weight_name
+from .adapter import PROJECTIONS, Adapter, module_path
 from .base_model import check_weights, model_info, read_config, resolve_model, weight_files
+from .compute import Compute
 from .errors import UserError
 from .io import read_json
+from .layerwise import LayerStack
 from .shapes import Shape
 from .strategy import LayerWidth, Strategy
 
@@ -66,7 +70,7 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 class ElasticModel:
     def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None,
-                 allow_other_weights: bool = False):
+                 allow_other_weights: bool = False, compute: Compute | None = None, resident: bool | None = None):
         self.dir = resolve_model(model)
         self.config = read_config(self.dir)
         self.info = model_info(self.dir)
@@ -78,6 +82,9 @@ class ElasticModel:
             self.use_strategy(strategy)
         self.adapter = adapter
         self.weights = WeightSource(self.dir)
+        self.compute = compute or Compute()
+        self.resident = resident  # None: the layer stack decides by memory (layerwise.py)
+        self._stack: LayerStack | None = None
         self._hf = None
         self._tokenizer = None
 
@@ -118,11 +125,12 @@ class ElasticModel:
         return bool(self.config.get("tie_word_embeddings", False)) or "lm_head.weight" not in self.weights
 
     def hf_model(self):
-        """The unmodified base model in fp32 (loaded once), used by the masked forward."""
+        """The whole unmodified base model in the compute dtype (loaded once), for training; the
+        reference forward runs layer by layer instead (`logits_many`)."""
         if self._hf is None:
             from transformers import AutoModelForCausalLM
 
-            self._hf = AutoModelForCausalLM.from_pretrained(self.dir, dtype=torch.float32).eval()
+            self._hf = AutoModelForCausalLM.from_pretrained(self.dir, dtype=self.compute.torch_dtype).eval()
         return self._hf
 
     def tokenizer(self):
@@ -144,14 +152,16 @@ class ElasticModel:
         return self.strategy.layers(shape.depth), self.strategy.width(shape.width)
 
     # ---------------------------------------------------------- masked forward
-    @contextlib.contextmanager
-    def masked(self, layers: list[int] | None = None, width: list[LayerWidth] | None = None, shape: Shape | None = None):
-        """The base model with only `layers` active, `width` masks and biases, and the adapter at `shape`."""
-        model = self.hf_model()
-        blocks = model.model.layers
-        kept = list(range(len(blocks))) if layers is None else list(layers)
-        head_dim = self.info["head_dim"]
-        device = model.lm_head.weight.device  # masks and biases live beside the weights (a GPU when training there)
+    def stack(self) -> LayerStack:
+        """The base model as a layer stack in the compute setting (built once, shared by copies)."""
+        if self._stack is None:
+            self._stack = LayerStack(self.dir, self.weights, self.compute, self.resident)
+        return self._stack
+
+    def layer_hooks(self, i: int, block: torch.nn.Module, lw: LayerWidth | None, shape: Shape | None) -> list:
+        """Layer i's masks, compensation biases and adapter as hooks on `block` (returns the handles)."""
+        device = next(block.parameters()).device  # beside the weights (a GPU when the model runs there)
+        dtype = next(block.parameters()).dtype
         hooks = []
 
         def premask(mask):
@@ -163,23 +173,33 @@ class ElasticModel:
         def lora(delta):
             return lambda mod, args, out: out + delta.apply(args[0])
 
+        if lw is not None:
+            D = self.info["head_dim"]
+            heads = torch.from_numpy(np.repeat(lw.q_heads, D).astype(np.float32)).to(device, dtype)
+            chans = torch.from_numpy(lw.channels.astype(np.float32)).to(device, dtype)
+            o, down = block.self_attn.o_proj, block.mlp.down_proj
+            hooks += [o.register_forward_pre_hook(premask(heads)), down.register_forward_pre_hook(premask(chans))]
+            hooks += [o.register_forward_hook(add(torch.from_numpy(lw.o_bias).to(device, dtype))),
+                      down.register_forward_hook(add(torch.from_numpy(lw.down_bias).to(device, dtype)))]
+        if self.adapter is not None and shape is not None:
+            for proj in PROJECTIONS:
+                delta = self.adapter.delta(shape, i, proj)
+                if delta is not None:
+                    module = block.get_submodule(module_path(proj))
+                    hooks.append(module.register_forward_hook(lora(delta.to(device))))
+        return hooks
+
+    @contextlib.contextmanager
+    def masked(self, layers: list[int] | None = None, width: list[LayerWidth] | None = None, shape: Shape | None = None):
+        """The whole HF model (`hf_model`) with only `layers` active, `width` masks and biases, and
+        the adapter at `shape`: what training differentiates through."""
+        model = self.hf_model()
+        blocks = model.model.layers
+        kept = list(range(len(blocks))) if layers is None else list(layers)
+        hooks = []
         try:
             for i in kept:
-                block = blocks[i]
-                if width is not None:
-                    lw = width[i]
-                    heads = torch.from_numpy(np.repeat(lw.q_heads, head_dim).astype(np.float32)).to(device)
-                    chans = torch.from_numpy(lw.channels.astype(np.float32)).to(device)
-                    o, down = block.self_attn.o_proj, block.mlp.down_proj
-                    hooks += [o.register_forward_pre_hook(premask(heads)), down.register_forward_pre_hook(premask(chans))]
-                    hooks += [o.register_forward_hook(add(torch.from_numpy(lw.o_bias).to(device))),
-                              down.register_forward_hook(add(torch.from_numpy(lw.down_bias).to(device)))]
-                if self.adapter is not None and shape is not None:
-                    for proj in PROJECTIONS:
-                        delta = self.adapter.delta(shape, i, proj)
-                        if delta is not None:
-                            module = model.get_submodule(weight_name(i, proj).removesuffix(".weight"))
-                            hooks.append(module.register_forward_hook(lora(delta)))
+                hooks += self.layer_hooks(i, blocks[i], None if width is None else width[i], shape)
             model.model.layers = torch.nn.ModuleList([blocks[i] for i in kept])
             yield model
         finally:
@@ -187,27 +207,54 @@ class ElasticModel:
             for h in hooks:
                 h.remove()
 
-    @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor, shape: Shape | None = None) -> torch.Tensor:
-        """Reference logits of `shape` (the unpruned base model when shape is None)."""
+    def logits_many(self, batches: list[torch.Tensor], shape: Shape | None = None,
+                    layers: list[int] | None = None) -> Iterator[torch.Tensor]:
+        """Reference logits of `shape` for each batch, in order, on the compute device (without a
+        shape: the unpruned base model, or only its `layers`). Every batch goes through a layer
+        before the next layer is read (layerwise.py); logits are made one batch at a time."""
+        stack = self.stack()
         if shape is None:
-            return self.hf_model()(input_ids=input_ids, use_cache=False).logits
-        layers, width = self.shape_plan(shape)
-        with self.masked(layers, width, self.strategy.resolve(shape)) as m:
-            return m(input_ids=input_ids, use_cache=False).logits
+            kept, hooks = range(self.n_layers) if layers is None else layers, None
+        else:
+            shape = self.strategy.resolve(shape)
+            kept, width = self.shape_plan(shape)
+            hooks = lambda i, block: self.layer_hooks(i, block, width[i], shape)  # noqa: E731
+        states = stack.run([stack.embed(ids) for ids in batches], kept, hooks)
+        with torch.inference_mode():
+            for s in states:
+                yield stack.logits(s.hidden)
 
-    def logits_fn(self, shape: Shape | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda ids: self.logits(ids, shape)
+    def logits(self, input_ids: torch.Tensor, shape: Shape | None = None) -> torch.Tensor:
+        """Reference logits of `shape` for one batch, on the CPU."""
+        return next(self.logits_many([input_ids], shape)).cpu()
+
+    def logits_fn(self, shape: Shape | None = None, layers: list[int] | None = None) -> "ReferenceLogits":
+        return ReferenceLogits(self, shape, None if layers is None else tuple(layers))
 
 
+@dataclass(frozen=True)
+class ReferenceLogits:
+    """The masked reference of one shape as a logits function; `many` runs a list of batches in
+    one layer-wise pass (the metrics use it)."""
 
-def load_elastic(model=None, strategy_dir=None, adapter_path=None, allow_other_weights: bool = False
-                 ) -> tuple[ElasticModel, Path]:
+    elastic: ElasticModel
+    shape: Shape | None
+    layers: tuple[int, ...] | None = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return next(self.many([ids])).cpu()
+
+    def many(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        return self.elastic.logits_many(batches, self.shape, self.layers)
+
+
+def load_elastic(model=None, strategy_dir=None, adapter_path=None, allow_other_weights: bool = False,
+                 compute: Compute | None = None) -> tuple[ElasticModel, Path]:
     """(the ElasticModel with its strategy and, when given, the adapter checked against the model,
     the strategy's directory): the model as every command opens it."""
     from .strategy import Strategy, locate
 
-    elastic = ElasticModel(model, allow_other_weights=allow_other_weights)
+    elastic = ElasticModel(model, allow_other_weights=allow_other_weights, compute=compute)
     sdir = locate(elastic.info, strategy_dir)
     elastic.use_strategy(Strategy.load(sdir))
     if adapter_path is not None:

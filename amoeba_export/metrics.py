@@ -2,14 +2,15 @@
 
 `logits_fn(input_ids: LongTensor[B, T]) -> FloatTensor[B, T, V]` is supplied by the caller (a
 dense model, a pruned shape, an exported artifact), so the same scoring code compares all of them
-and nothing here depends on model code. Log-probabilities are taken in the logits' own precision
+and nothing here depends on model code. Every batch is made before the first is scored, so a
+function that can run them together (`many`, the layer-wise reference) reads each layer once. Log-probabilities are taken in the logits' own precision
 (half precision is upcast to float32) and summed in float64, so the result does not depend on the
 batch size.
 """
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,17 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
     return tqdm(iterable, desc=desc, total=total, unit="batch")
 
 
-def _logits(logits_fn: LogitsFn, ids: torch.Tensor) -> torch.Tensor:
-    out = logits_fn(ids)
-    if out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
-        raise ValueError(f"logits_fn returned shape {tuple(out.shape)} for input {tuple(ids.shape)}")
-    if out.dtype in (torch.float16, torch.bfloat16):
-        out = out.float()
-    return out
+def _logits(logits_fn: LogitsFn, batches: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, logits) per batch. A logits function with a `many` method (the masked reference) gets
+    every batch at once, so it can run them layer by layer; others are called per batch."""
+    many = getattr(logits_fn, "many", None)
+    outs = many(batches) if many is not None else map(logits_fn, batches)
+    for ids, out in zip(batches, outs):
+        if out.dim() != 3 or tuple(out.shape[:2]) != tuple(ids.shape):
+            raise ValueError(f"logits_fn returned shape {tuple(out.shape)} for input {tuple(ids.shape)}")
+        if out.dtype in (torch.float16, torch.bfloat16):
+            out = out.float()
+        yield ids, out
 
 
 def nll_per_window(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int = 4,
@@ -50,10 +55,10 @@ def nll_per_window(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int =
     n, t = windows.shape
     sums = torch.zeros(n, dtype=torch.float64)
     starts = range(0, n, batch_size)
+    batches = [windows[s:s + batch_size] for s in starts]
     with torch.inference_mode():
-        for s in _progress(starts, progress, "perplexity", len(starts)):
-            ids = windows[s:s + batch_size]
-            logits = _logits(logits_fn, ids)[:, :-1]
+        for s, (ids, logits) in zip(starts, _progress(_logits(logits_fn, batches), progress, "perplexity", len(starts))):
+            logits = logits[:, :-1]
             targets = ids[:, 1:].to(logits.device)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                   reduction="none")
@@ -97,15 +102,17 @@ def choice_logprobs(logits_fn: LogitsFn, tokenizer, items: list["MCItem"], batch
 
     scores = torch.empty(len(reqs), dtype=torch.float64)
     starts = range(0, len(reqs), batch_size)
+    batches = []
+    for s in starts:
+        batch = reqs[s:s + batch_size]
+        # Right padding (id 0): a causal model's earlier positions never see it.
+        ids = torch.zeros(len(batch), max(len(seq) for seq, _ in batch), dtype=torch.long)
+        for j, (seq, _) in enumerate(batch):
+            ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        batches.append(ids)
     with torch.inference_mode():
-        for s in _progress(starts, progress, "multiple choice", len(starts)):
+        for s, (_, logits) in zip(starts, _progress(_logits(logits_fn, batches), progress, "multiple choice", len(starts))):
             batch = reqs[s:s + batch_size]
-            width = max(len(seq) for seq, _ in batch)
-            # Right padding (id 0): a causal model's earlier positions never see it.
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for j, (seq, _) in enumerate(batch):
-                ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            logits = _logits(logits_fn, ids)
             for j, (seq, c0) in enumerate(batch):
                 # Position p predicts token p+1: continuation tokens c0..L-1 come from c0-1..L-2.
                 lg = logits[j, c0 - 1:len(seq) - 1]

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from targets import default_format
 
+from .compute import Compute
 from .elastic import ElasticModel
 from .errors import UserError
 from .exporters import get_exporter, write_artifact
@@ -40,15 +41,20 @@ QUANT_FLOOR = 0.5
 MAX_LEGALIZE_LOSS = 0.25
 
 
-def parity_limits(exporter, quant: str | None, dense: DenseModel, adapter: bool) -> dict:
+def parity_limits(exporter, quant: str | None, dense: DenseModel, adapter: bool, compute: Compute) -> dict:
     """{"tolerance": max |Δlogit| allowed, or None for a quantised format, "floor": the least top-5
-    agreement allowed where there is no logit limit}."""
+    agreement allowed where there is no logit limit, "reference": how the reference was computed}.
+    A reference computed in half precision carries its own rounding, which the tolerance adds to
+    the artifact's (docs/reference-forward.md §3)."""
     limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
     fmt = quant or str(dense.dtype).removeprefix("torch.")
     tolerance = limits.get(fmt)
     if tolerance is not None and adapter and quant is None and dense.dtype == torch.float32:
         tolerance = max(tolerance, ADAPTER_FP32_TOLERANCE)
-    return {"tolerance": tolerance, "floor": None if tolerance is not None else QUANT_FLOOR}
+    if tolerance is not None:
+        tolerance += compute.reference_error
+    return {"tolerance": tolerance, "floor": None if tolerance is not None else QUANT_FLOOR,
+            "reference": {**compute.to_json(), "tolerance_added": compute.reference_error}}
 
 
 def parity_failure(parity: dict, fmt: str) -> str | None:
@@ -98,6 +104,7 @@ def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
     top = ref.topk(min(TOP_K, ref.shape[-1]), dim=-1).indices
     return {
         "prompt_tokens": int(ids.shape[1]),
+        "reference_forward": "resident" if elastic.stack().resident else "layer by layer",
         "max_abs_logit_diff": float((ref - got).abs().max()),
         "greedy_token_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
         # the artifact's greedy token is among the reference's TOP_K: near-ties that a quantised
@@ -124,8 +131,9 @@ def split_dtype(dtype: str | None, target: dict, flow: str, caps) -> tuple[str |
 
 
 def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256) -> Callable[[DenseModel], float]:
-    """Held-out perplexity of a DenseModel built in memory (what legalize measures when it changes the model)."""
-    from .exporters.pytorch import in_memory
+    """Held-out perplexity of what a DenseModel computes (what legalize measures when it changes the
+    model): the masked reference of the elastic model it was made from, run layer by layer, so
+    measuring never holds a whole model."""
     from .metrics import perplexity
     from .score import EvalConfig, eval_set
 
@@ -137,9 +145,7 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
             return seen[id(dense)][1]
         if not ids:
             ids.append(eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))[0])
-        model = in_memory(dense)
-        with torch.inference_mode():
-            value = perplexity(lambda x: model(input_ids=x, use_cache=False).logits, ids[0])
+        value = perplexity(dense._elastic.logits_fn(dense._shape), ids[0])
         seen[id(dense)] = (dense, value)  # the model is kept so its id is not reused
         return value
 
@@ -216,7 +222,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             # re-selection or dropped biases), so this checks the export exactly; legalize's own cost
             # was measured and judged above.
             parity = verify(dense._elastic, shape, exporter.load(tmp))
-            parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None))
+            parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None, elastic.compute))
             fmt = quant or str(dense.dtype).removeprefix("torch.")
             failure = parity_failure(parity, fmt)
             if failure is not None and not accept_parity_loss:

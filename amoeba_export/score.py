@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import math
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import distributed
 from .errors import UserError
 from .errors import notice as default_notice
-from .io import dumps_json, read_json, write_text_atomic
+from .io import dumps_json, read_json, write_json_atomic, write_text_atomic
 from .locations import data_dir, shipped
 from .metrics import mc_accuracy, perplexity
 from .shapes import Shape
@@ -279,6 +282,9 @@ def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: boo
     tok = elastic.tokenizer()
     windows, items = eval_set(tok, cfg)
     table.provenance = _provenance(table, cfg)
+    group = distributed.group(elastic.compute.device)
+    if group.world > 1:
+        return _score_split(elastic, todo, tok, windows, items, cfg, table, out_path, group, notice)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -300,3 +306,49 @@ def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: boo
         if bar is not None:
             bar.close()
     return table
+
+
+def _score_split(elastic, todo, tok, windows, items, cfg: EvalConfig, table: AccuracyTable, out_path: Path,
+                 group: distributed.Group, notice) -> AccuracyTable:
+    """Each process scores its share of `todo`, saving every finished shape as a part file beside
+    the table (so a process that dies loses only the shape it was on); rank 0 then folds the parts
+    into the table. Parts of an earlier run with the same model, strategy and eval set are used."""
+    parts = out_path.parent / f".{out_path.name}.parts"
+    key = {"model": table.model, "strategy_fingerprint": table.strategy_fingerprint, "eval": table.eval}
+    done = _read_parts(parts, key)
+    mine = group.mine([s for s in todo if str(s) not in done])
+    if group.main:
+        parts.mkdir(parents=True, exist_ok=True)
+    group.barrier()
+    for i, shape in enumerate(mine):
+        t0 = time.perf_counter()
+        entry = score_shape(elastic.logits_fn(shape), tok, windows, items, cfg)
+        write_json_atomic(parts / f"{shape}.json", {**key, "shape": str(shape), "entry": entry,
+                                                     "seconds": round(time.perf_counter() - t0, 3)})
+        notice(f"score [rank {group.rank}, {i + 1}/{len(mine)}]: {shape} ppl={entry['ppl']:.2f}")
+    group.barrier()
+    if group.main:
+        done = _read_parts(parts, key)
+        for shape in todo:
+            part = done[str(shape)]
+            table.entries[shape] = part["entry"]
+            table.provenance["seconds"][str(shape)] = part["seconds"]
+        table.provenance["processes"] = group.world
+        table.provenance["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        table.save(out_path)
+        shutil.rmtree(parts, ignore_errors=True)
+    group.barrier()
+    return table
+
+
+def _read_parts(parts: Path, key: dict) -> dict[str, dict]:
+    """shape -> part, for the readable parts made with `key` (others are scored again)."""
+    out = {}
+    for f in sorted(parts.glob("*.json")) if parts.is_dir() else []:
+        try:
+            part = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(part, dict) and all(part.get(k) == json.loads(json.dumps(v)) for k, v in key.items()):
+            out[part["shape"]] = part
+    return out

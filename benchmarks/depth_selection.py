@@ -76,11 +76,11 @@ LABELS = {
 class FastPPL:
     """Perplexity of layer subsets on fixed windows, from cached full-model prefixes."""
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: int = 4):
+    def __init__(self, stack, windows: torch.Tensor, batch_size: int = 4):
         self.ids = windows.long()
         self.batch_size = batch_size
-        self.runner = LayerRunner(model, self.ids)
-        self.prefixes = self.runner.prefixes()  # L+1 tensors [n, T, hidden]
+        self.runner = LayerRunner(stack, self.ids)
+        self.prefixes = self.runner.prefixes()  # L+1 states, hidden [n, T, hidden]
         self.n_layers = len(self.prefixes) - 1
         self._cache: dict[tuple[int, ...], float] = {}
 
@@ -88,7 +88,7 @@ class FastPPL:
         """Per layer: mean over all tokens of cos(block input, block output)."""
         out = []
         for l in range(self.n_layers):
-            a, b = self.prefixes[l].double(), self.prefixes[l + 1].double()
+            a, b = self.prefixes[l].hidden.double(), self.prefixes[l + 1].hidden.double()
             out.append(float(F.cosine_similarity(a, b, dim=-1).mean()))
         return out
 
@@ -98,11 +98,11 @@ class FastPPL:
         if key not in self._cache:
             removed = sorted(set(range(self.n_layers)) - set(key))
             first = removed[0] if removed else self.n_layers
-            h = self.runner.run(self.prefixes[first], [i for i in key if i > first])
+            h = self.runner.run(self.prefixes[first], [i for i in key if i > first]).hidden
             n, t = self.ids.shape
             total = 0.0
             for s in range(0, n, self.batch_size):
-                logits = self.runner.logits(h[s:s + self.batch_size])[:, :-1].float()
+                logits = self.runner.stack.logits(h[s:s + self.batch_size])[:, :-1].float()
                 tgt = self.ids[s:s + self.batch_size, 1:]
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
                 total += float(nll.double().sum())
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     settings = strategy.meta.get("settings", {}) or {}
     keep_last = int(settings.get("keep_last", 1))
     depths = sorted(strategy.depths, reverse=True)
-    model, tok = elastic.hf_model(), elastic.tokenizer()
+    stack, tok = elastic.stack(), elastic.tokenizer()
 
     # --- calibration windows: the DP's own; ShortGPT's cosines come from one full pass over them.
     calib_src = settings.get("calib", "lambada")
@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     calib_seed = int(settings.get("seed", 0))
     calib_windows = pack_tokens(load_texts(calib_src), tok, calib_len, calib_n, calib_seed)
     t = time.time()
-    calib = FastPPL(model, calib_windows, args.batch_size)
+    calib = FastPPL(stack, calib_windows, args.batch_size)
     cos = calib.cosines()
     t_cos = time.time() - t
     sets = layer_sets(L, strategy.depths, keep_last, cos)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     t_calib = time.time() - t
     del calib
     t = time.time()
-    held = FastPPL(model, windows, args.batch_size)
+    held = FastPPL(stack, windows, args.batch_size)
     ppl = {k: {d: held(sets[k][d]) for d in depths} for k in methods}
     t_held = time.time() - t
 
@@ -217,8 +217,7 @@ def main(argv=None) -> int:
     if not args.no_verify:
         vd = args.verify_depth if args.verify_depth is not None else min(depths)
         t = time.time()
-        with elastic.masked(layers=sets["dp"][vd]) as m:
-            ref = perplexity(lambda ids: m(input_ids=ids, use_cache=False).logits, windows, args.batch_size)
+        ref = perplexity(elastic.logits_fn(layers=sets["dp"][vd]), windows, args.batch_size)
         rel = abs(ppl["dp"][vd] - ref) / ref
         verify = {"depth": vd, "fast": ppl["dp"][vd], "masked": ref, "rel_diff": rel, "ok": rel <= VERIFY_RTOL,
                   "seconds": round(time.time() - t, 1)}

@@ -29,7 +29,7 @@ def windows(n=4, T=32, seed=0):
 def test_dp_candidate_score_equals_masked_reference(tiny_gqa):
     em = ElasticModel(tiny_gqa)
     ids = windows()
-    evaluate = ppl_evaluator(LayerRunner(em.hf_model(), ids))
+    evaluate = ppl_evaluator(LayerRunner(em.stack(), ids))
     for kept, first in (([0, 1, 3, 4, 5], 2), ([1, 2, 5], 0), ([0, 1, 2, 3, 5], 4)):
         with em.masked(layers=kept) as m:
             ref = perplexity(lambda x: m(input_ids=x, use_cache=False).logits, ids)
@@ -85,7 +85,7 @@ def test_dp_resumes_from_checkpoint(tmp_path):
 def test_flap_hits_the_ratio_and_compensates_the_mean(tiny_gqa):
     em = ElasticModel(tiny_gqa)
     ids = windows(6, 40, seed=1)
-    stats = collect_stats(em.hf_model(), ids, batch_size=2)
+    stats = collect_stats(em.stack(), ids, batch_size=2)
     info = em.info
     for ratio in (0.875, 0.75, 0.5):
         per_layer = flap_widths(stats, em.weights, info, ratio)
@@ -112,7 +112,7 @@ def test_flap_hits_the_ratio_and_compensates_the_mean(tiny_gqa):
 
 def test_flap_group_unit_and_uniform_policy(tiny_qwen):
     em = ElasticModel(tiny_qwen)
-    stats = collect_stats(em.hf_model(), windows(4, 32), batch_size=2)
+    stats = collect_stats(em.stack(), windows(4, 32), batch_size=2)
     info = em.info
     G = info["n_heads"] // info["n_kv_heads"]
     for lw in flap_widths(stats, em.weights, info, 0.5, head_unit="group"):
@@ -126,7 +126,7 @@ def test_flap_group_unit_and_uniform_policy(tiny_qwen):
 
 def test_full_width_keeps_everything(tiny_gqa):
     em = ElasticModel(tiny_gqa)
-    stats = collect_stats(em.hf_model(), windows(2, 16), batch_size=2)
+    stats = collect_stats(em.stack(), windows(2, 16), batch_size=2)
     for lw in flap_widths(stats, em.weights, em.info, 1.0):
         assert lw.q_heads.all() and lw.channels.all() and not lw.o_bias.any()
 

@@ -68,7 +68,7 @@ def test_width_slice_reproduces(elastic):
     cfg = CalibrationConfig(calib=settings["calib"], width_samples=settings["width_samples"],
                             seq_len=settings["seq_len"], seed=settings["seed"])
     fresh = ElasticModel(None)
-    stats = collect_stats(fresh.hf_model(), width_windows(fresh, cfg), batch_size=8, layers=2)
+    stats = collect_stats(fresh.stack(), width_windows(fresh, cfg), batch_size=8, layers=2)
     for k in ("o_mean", "o_var", "down_mean", "down_var"):
         np.testing.assert_allclose(stats[k], s.stats[k][:2], rtol=1e-3, atol=1e-5)
     for w in s.widths:

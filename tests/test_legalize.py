@@ -116,7 +116,7 @@ def test_uniform_reselects_and_matches_its_own_reference(tiny_qwen):
     from trainer.width import collect_stats
 
     em = ElasticModel(tiny_qwen, tiny.random_strategy(tiny_qwen, seed=3))
-    em.strategy.stats = collect_stats(em.hf_model(), torch.randint(3, tiny.VOCAB, (4, 32)), batch_size=2)
+    em.strategy.stats = collect_stats(em.stack(), torch.randint(3, tiny.VOCAB, (4, 32)), batch_size=2)
     shape = per_layer_shapes(em)[0]
     before = materialize(em, shape)
     dense, report = legalize(before, UNIFORM_ONLY, flow="test", layout="uniform", perplexity=_ppl)

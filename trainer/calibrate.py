@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.numpy import load_file, save
 
+from amoeba_export import distributed
+from amoeba_export.compute import Compute
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.errors import notice as default_notice
@@ -63,20 +65,19 @@ def width_windows(elastic: ElasticModel, cfg: CalibrationConfig) -> torch.Tensor
 
 def depth_evaluator(elastic: ElasticModel, cfg: CalibrationConfig):
     if cfg.depth_metric == "ppl":
-        return ppl_evaluator(LayerRunner(elastic.hf_model(), depth_windows(elastic, cfg))), False
+        return ppl_evaluator(LayerRunner(elastic.stack(), depth_windows(elastic, cfg))), False
     items, tok = mc_items(cfg.mc_task, cfg.mc_limit, cfg.seed), elastic.tokenizer()
 
     def evaluate(first_removed, kept):
-        with elastic.masked(layers=kept) as m:
-            return mc_accuracy(lambda ids: m(input_ids=ids, use_cache=False).logits, tok, items)["acc"]
+        return mc_accuracy(elastic.logits_fn(layers=kept), tok, items)["acc"]
 
     return evaluate, True
 
 
 def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None, force: bool = False,
-                    notice=default_notice) -> tuple[Strategy, Path]:
+                    notice=default_notice, compute: Compute | None = None) -> tuple[Strategy, Path]:
     t0 = time.time()
-    elastic = ElasticModel(model)
+    elastic = ElasticModel(model, compute=compute)
     info = elastic.info
     L = info["n_layers"]
     min_depth = cfg.resolved_min_depth(L)
@@ -85,33 +86,40 @@ def run_calibration(model, cfg: CalibrationConfig, out: str | Path | None = None
     out = Path(out) if out is not None else calibrated_dir(info)
     check_destination(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,))
     work = out.parent / f".{out.name}.calibration"
+    group = distributed.group(elastic.compute.device)
+    if not group.main:  # rank 0 holds the lock and writes; the others compute their shares
+        return _calibrate(elastic, cfg, min_depth, work, notice, t0, group), out
     with output_lock(out):
-        strategy = _calibrate(elastic, cfg, min_depth, work, notice, t0)
+        strategy = _calibrate(elastic, cfg, min_depth, work, notice, t0, group)
         with atomic_dir(out, ours=is_strategy_dir, force=force, protect=(elastic.dir,), notice=notice) as tmp:
             strategy.save(tmp)
         shutil.rmtree(work, ignore_errors=True)
     return strategy, out
 
 
-def _calibrate(elastic: ElasticModel, cfg: CalibrationConfig, min_depth: int, work: Path, notice, t0: float) -> Strategy:
-    """The DP and FLAP, checkpointed in `work`: a rerun with the same settings resumes, other
-    settings start over, and an unreadable checkpoint is reported and redone."""
+def _calibrate(elastic: ElasticModel, cfg: CalibrationConfig, min_depth: int, work: Path, notice, t0: float,
+               group: distributed.Group) -> Strategy:
+    """The DP and FLAP, checkpointed in `work` (by rank 0): a rerun with the same settings resumes,
+    other settings start over, and an unreadable checkpoint is reported and redone."""
     info = elastic.info
     L = info["n_layers"]
     settings = {**asdict(cfg), "min_depth": min_depth, "fingerprint": info["fingerprint"]}
-    if work.is_dir():
-        try:
-            same = json.loads((work / "settings.json").read_text()) == json.loads(json.dumps(settings))
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(work / "settings.json", json.dumps(settings))
+    if group.main:
+        if work.is_dir():
+            try:
+                same = json.loads((work / "settings.json").read_text()) == json.loads(json.dumps(settings))
+            except (OSError, ValueError):
+                same = False
+            if not same:
+                shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(work / "settings.json", json.dumps(settings))
+    group.barrier()  # every process resumes from the same checkpoints
     torch.manual_seed(cfg.seed)
 
     evaluate, higher = depth_evaluator(elastic, cfg)
-    tables = dp_select(L, min_depth, cfg.keep_last, evaluate, higher, checkpoint=work / "depth_dp.json", notice=notice)
+    tables = dp_select(L, min_depth, cfg.keep_last, evaluate, higher, checkpoint=work / "depth_dp.json", notice=notice,
+                       group=group)
     depths = kept_layers(tables, L, cfg.keep_last)
     del evaluate
 
@@ -122,10 +130,14 @@ def _calibrate(elastic: ElasticModel, cfg: CalibrationConfig, min_depth: int, wo
             safetensors_header(stats_file)  # a cut-short file is found here, before load_file reads it
             stats = load_file(str(stats_file))
         except UserError as e:
-            notice(f"unreadable FLAP statistics checkpoint ({e}): collecting them again")
+            if group.main:
+                notice(f"unreadable FLAP statistics checkpoint ({e}): collecting them again")
+    if group.world > 1 and len(set(group.gather(stats is None))) > 1:
+        stats = None  # one process could not read it: all collect again, together
     if stats is None:
-        stats = collect_stats(elastic.hf_model(), width_windows(elastic, cfg))
-        write_atomic(stats_file, lambda f: f.write(save(stats)))
+        stats = collect_stats(elastic.stack(), width_windows(elastic, cfg), group=group)
+        if group.main:
+            write_atomic(stats_file, lambda f: f.write(save(stats)))
     widths = {}
     for w in cfg.widths:
         if cfg.policy == "flap":

@@ -5,7 +5,8 @@ last n eligible ones; it either keeps layer ℓ = N − n (copy of cell (n−1, 
 of cell (n−1, m−1), whichever scores strictly better. The last `keep_last` layers are never removed.
 
 Evaluation trick (exact): every candidate at step n keeps all layers before ℓ, so the hidden state
-entering layer ℓ is computed once for all steps, and a candidate only runs layers ℓ+1..L−1.
+entering layer ℓ is computed once for all steps, and a candidate only runs layers ℓ+1..L−1. The
+candidates of a row are run together, layer by layer, so each layer is read once per row.
 """
 from __future__ import annotations
 
@@ -18,46 +19,48 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amoeba_export.distributed import Group
 from amoeba_export.errors import notice as default_notice
 from amoeba_export.io import write_text_atomic
 
 
 class LayerRunner:
-    """Runs an HF LLaMA-family model block by block, from a cached hidden state, on fixed inputs."""
+    """Runs the base model (a LayerStack) layer by layer from a cached hidden state, on fixed inputs."""
 
-    def __init__(self, model, input_ids: torch.Tensor):
-        if model.config._attn_implementation != "sdpa":
-            model.config._attn_implementation = "sdpa"  # causal masking with attention_mask=None
-        self.model, self.ids = model, input_ids
-        pos = torch.arange(input_ids.shape[1]).unsqueeze(0)
-        with torch.inference_mode():
-            self.embeds = model.model.embed_tokens(input_ids)
-            self.pos_emb = model.model.rotary_emb(self.embeds, position_ids=pos)
-        self.pos = pos
+    def __init__(self, stack, input_ids: torch.Tensor):
+        self.stack, self.ids = stack, input_ids
+        self.start = stack.embed(input_ids)
 
-    @torch.inference_mode()
-    def run(self, hidden: torch.Tensor, layers) -> torch.Tensor:
-        for i in layers:
-            hidden = self.model.model.layers[i](hidden, attention_mask=None, position_embeddings=self.pos_emb, position_ids=self.pos)
-        return hidden
+    def run(self, state, layers):
+        return self.stack.run([state], layers)[0]
 
-    @torch.inference_mode()
-    def prefixes(self) -> list[torch.Tensor]:
-        """hidden[ℓ] = the input of layer ℓ with every earlier layer active (ℓ = 0..L)."""
-        out, h = [self.embeds], self.embeds
-        for i in range(len(self.model.model.layers)):
-            h = self.run(h, [i])
-            out.append(h)
+    def prefixes(self) -> list:
+        """state[ℓ] = the input of layer ℓ with every earlier layer active (ℓ = 0..L)."""
+        out, s = [self.start], self.start
+        for i in range(self.stack.n_layers):
+            s = self.run(s, [i])
+            out.append(s)
         return out
 
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(hidden))
+    def run_row(self, start, kept_sets: list[list[int]], first: int) -> list:
+        """Every candidate of a DP row from the same cached input, each layer read once for all of them."""
+        states, kept = [start] * len(kept_sets), [set(k) for k in kept_sets]
+        for j in range(first + 1, self.stack.n_layers):
+            users = [c for c, k in enumerate(kept) if j in k]
+            if users:
+                with self.stack.layer(j) as block:
+                    for c in users:
+                        states[c] = self.stack.step(block, states[c])
+        return states
+
+    def logits(self, state) -> torch.Tensor:
+        return self.stack.logits(state.hidden)
 
 
 def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood."""
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="mean"))
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
+                                                   reduction="mean"))
 
 
 @dataclass
@@ -73,12 +76,13 @@ class DPTables:
 
 def dp_select(n_layers: int, min_depth: int, keep_last: int, evaluate: Callable[[int, list[int]], float],
               higher_is_better: bool, checkpoint: Path | None = None, rows: int | None = None,
-              notice: Callable[[str], None] = default_notice) -> DPTables:
+              notice: Callable[[str], None] = default_notice, group: Group = Group()) -> DPTables:
     """Fill the DP tables. `evaluate(first_changed, kept_layers)` scores one candidate.
 
     `rows` stops after that many steps (used by the test that re-runs a slice). With `checkpoint`,
-    each finished row is saved (atomically) and a rerun resumes after the last saved row; an
-    unreadable checkpoint is reported and the DP starts over.
+    each finished row is saved (atomically, by rank 0) and a rerun resumes after the last saved
+    row; an unreadable checkpoint is reported and the DP starts over. With a `group` of several
+    processes, each scores its share of a row's candidates and all take the gathered row.
     """
     N, M = n_layers - keep_last, n_layers - min_depth
     worst = -np.inf if higher_is_better else np.inf
@@ -106,20 +110,25 @@ def dp_select(n_layers: int, min_depth: int, keep_last: int, evaluate: Callable[
             d, S, start = empty()
     last = N if rows is None else min(N, rows)
     total = sum(min(n, M) for n in range(start, last + 1))
-    bar = tqdm(total=total, desc="depth DP", unit="eval", disable=total == 0)
+    bar = tqdm(total=total, desc="depth DP", unit="eval", disable=total == 0 or not group.main)
     for n in range(start, last + 1):
         layer = N - n
+        cands = []
         for m in range(1, min(n, M) + 1):
             cand = S[n - 1][m - 1].copy()
             cand[layer] = 0
-            kept = [i for i in range(N) if cand[i]] + list(range(N, n_layers))
-            val = evaluate(layer, kept)
-            bar.update(1)
+            cands.append(cand)
+        kept = [[i for i in range(N) if c[i]] + list(range(N, n_layers)) for c in cands]
+        row = getattr(evaluate, "row", None)  # a whole row at once: each layer read once for the row
+        mine = group.mine(kept)
+        vals = group.merge(kept, row(layer, mine) if row is not None else [evaluate(layer, k) for k in mine])
+        bar.update(len(cands))
+        for m, (cand, val) in enumerate(zip(cands, vals), start=1):
             if better(val, d[n - 1][m]):
                 d[n][m], S[n][m] = val, cand
             else:
                 d[n][m], S[n][m] = d[n - 1][m], S[n - 1][m]
-        if checkpoint is not None:
+        if checkpoint is not None and group.main:
             tables = _tables(d[: n + 1], S[: n + 1], worst)
             write_text_atomic(checkpoint, json.dumps(tables.to_json()))
     bar.close()
@@ -143,11 +152,18 @@ def kept_layers(tables: DPTables, n_layers: int, keep_last: int) -> dict[int, li
 
 
 def ppl_evaluator(runner: LayerRunner) -> Callable[[int, list[int]], float]:
-    """Score = calibration perplexity; each candidate starts from the cached input of its first removed layer."""
+    """Score = calibration perplexity; each candidate starts from the cached input of its first
+    removed layer. `evaluate.row(first, kept_sets)` scores a DP row's candidates together."""
     prefixes = runner.prefixes()
 
-    def evaluate(first_removed: int, kept: list[int]) -> float:
-        h = runner.run(prefixes[first_removed], [i for i in kept if i > first_removed])
-        return float(np.exp(nll(runner.logits(h), runner.ids)))
+    def ppl(state) -> float:
+        return float(np.exp(nll(runner.logits(state), runner.ids)))
 
+    def evaluate(first_removed: int, kept: list[int]) -> float:
+        return ppl(runner.run(prefixes[first_removed], [i for i in kept if i > first_removed]))
+
+    def row(first_removed: int, kept_sets: list[list[int]]) -> list[float]:
+        return [ppl(s) for s in runner.run_row(prefixes[first_removed], kept_sets, first_removed)]
+
+    evaluate.row = row
     return evaluate

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from amoeba_export.adapter import PROJECTIONS, checkpoints
+from amoeba_export.compute import Compute
 from amoeba_export.elastic import load_elastic
 from amoeba_export.errors import UserError
 from amoeba_export.errors import notice as default_notice
@@ -215,16 +216,22 @@ def evaluate(net: Supernet, packed: instruct.Packed, shapes: list[Shape], accele
 
 
 def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = True,
-          allow_other_weights: bool = False) -> dict:
-    """Run (or continue) a training run into `out`; returns the summary written to eval.json."""
+          allow_other_weights: bool = False, compute: Compute | None = None) -> dict:
+    """Run (or continue) a training run into `out`; returns the summary written to eval.json. The
+    frozen base runs in `compute`'s dtype; each process's GPU is accelerate's (its local rank)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     cfg.check()
     out = Path(out)
-    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
+    compute = compute or Compute()
+    if compute.device not in ("cpu", "cuda:0"):
+        raise UserError(f"--device {compute.device}: train places each process on its own GPU (accelerate's local "
+                        f"rank); choose the GPU with CUDA_VISIBLE_DEVICES={compute.device.partition(':')[2]} and --device cuda")
+    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights, compute=compute)
     ckpt = _resume_from(out, cfg, resume, protect=(elastic.dir, sdir))
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(cpu=compute.device == "cpu",
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     main = accelerator.is_main_process
     with output_lock(out) if main else contextlib.nullcontext():  # a second run into the same --out is refused
         return _train(elastic, sdir, cfg, out, ckpt, accelerator, progress)

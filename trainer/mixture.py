@@ -91,7 +91,7 @@ class Supernet(nn.Module):
         hooks = []
 
         def lora(A, B):
-            return lambda mod, args, out: out + scale * ((args[0] @ A.T) @ B.T)
+            return lambda mod, args, out: out + (scale * ((args[0].to(A.dtype) @ A.T) @ B.T)).to(out.dtype)
 
         kept = set(layers)
         modules = {key: self.base.get_submodule(weight_name(*key).removesuffix(".weight"))  # before masked() renumbers

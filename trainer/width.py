@@ -26,47 +26,53 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from amoeba_export.distributed import Group
 from amoeba_export.flap import compensate, scores, select_uniform
 from amoeba_export.strategy import LayerWidth, full_width
 
 
 @torch.inference_mode()
-def collect_stats(model, windows: torch.Tensor, batch_size: int = 4, layers: int | None = None) -> dict[str, np.ndarray]:
-    """Mean and variance of the inputs of o_proj and down_proj over every token of `windows`.
+def collect_stats(stack, windows: torch.Tensor, batch_size: int = 4, layers: int | None = None,
+                  group: Group = Group()) -> dict[str, np.ndarray]:
+    """Mean and variance of the inputs of o_proj and down_proj over every token of `windows`, run
+    through the base model's LayerStack layer by layer (every batch through a layer, then the next).
 
-    `layers` limits collection (and the forward) to the first layers, for audits of a slice.
+    Sums are taken per batch in float64 and added in batch order, so a `group` of processes, each
+    running its share of the batches, gets the one-process numbers bit for bit. `layers` limits
+    collection (and the forward) to the first layers, for audits of a slice.
     """
-    blocks = model.model.layers
-    n = len(blocks) if layers is None else layers
-    acc = {}
+    n = stack.n_layers if layers is None else layers
+    starts = list(range(0, len(windows), batch_size))
+    mine = group.mine(starts)
+    sums: dict = {}  # (kind, layer, batch start) -> (tokens, sum, sum of squares), on the CPU
 
     def hook(key):
         def fn(mod, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
-            s = acc.setdefault(key, [0, 0.0, 0.0])
-            s[0] += x.shape[0]
-            s[1] = s[1] + x.sum(0)
-            s[2] = s[2] + (x * x).sum(0)
+            sums[key] = (x.shape[0], x.sum(0).cpu(), (x * x).sum(0).cpu())
         return fn
 
-    hooks = []
-    for i in range(n):
-        hooks.append(blocks[i].self_attn.o_proj.register_forward_pre_hook(hook(("o", i))))
-        hooks.append(blocks[i].mlp.down_proj.register_forward_pre_hook(hook(("down", i))))
-    saved = model.model.layers
-    try:
-        model.model.layers = torch.nn.ModuleList(list(blocks)[:n])
-        for b in tqdm(range(0, len(windows), batch_size), desc="FLAP statistics", unit="batch"):
-            model.model(input_ids=windows[b:b + batch_size], use_cache=False)
-    finally:
-        model.model.layers = saved
-        for h in hooks:
-            h.remove()
+    states = [stack.embed(windows[b:b + batch_size]) for b in mine]
+    for i in tqdm(range(n), desc="FLAP statistics", unit="layer", disable=not group.main):
+        with stack.layer(i) as block:
+            for j, b in enumerate(mine):
+                hooks = [block.self_attn.o_proj.register_forward_pre_hook(hook(("o", i, b))),
+                         block.mlp.down_proj.register_forward_pre_hook(hook(("down", i, b)))]
+                try:
+                    states[j] = stack.step(block, states[j])
+                finally:
+                    for h in hooks:
+                        h.remove()
+    for part in group.gather(sums) if group.world > 1 else []:
+        sums.update(part)
     out = {}
     for kind in ("o", "down"):
         means, vars_ = [], []
         for i in range(n):
-            cnt, s, ss = acc[(kind, i)]
+            cnt, s, ss = 0, 0.0, 0.0
+            for b in starts:
+                c, x, xx = sums[(kind, i, b)]
+                cnt, s, ss = cnt + c, s + x, ss + xx
             mean = s / cnt
             means.append(mean.numpy().astype(np.float32))
             vars_.append(((ss / cnt) - mean * mean).clamp_min(0).numpy().astype(np.float32))
