@@ -282,6 +282,7 @@ def score_shapes(elastic, shapes, cfg: EvalConfig, out_path: Path, progress: boo
     tok = elastic.tokenizer()
     windows, items = eval_set(tok, cfg)
     table.provenance = _provenance(table, cfg)
+    table.provenance["compute"] = elastic.compute.to_json()  # a half-precision reference scores slightly differently
     group = distributed.group(elastic.compute.device)
     if group.world > 1:
         return _score_split(elastic, todo, tok, windows, items, cfg, table, out_path, group, notice)
