@@ -84,7 +84,7 @@ class ElasticModel:
         self.weights = WeightSource(self.dir)
         self.compute = compute or Compute()
         self.resident = resident  # None: the layer stack decides by memory (layerwise.py)
-        self._stack: LayerStack | None = None
+        self._shared: dict[str, LayerStack] = {}  # the layer stack, shared with copies (legalize's derived models)
         self._hf = None
         self._tokenizer = None
 
@@ -154,9 +154,15 @@ class ElasticModel:
     # ---------------------------------------------------------- masked forward
     def stack(self) -> LayerStack:
         """The base model as a layer stack in the compute setting (built once, shared by copies)."""
-        if self._stack is None:
-            self._stack = LayerStack(self.dir, self.weights, self.compute, self.resident)
-        return self._stack
+        if "stack" not in self._shared:
+            self._shared["stack"] = LayerStack(self.dir, self.weights, self.compute, self.resident)
+        return self._shared["stack"]
+
+    def release(self) -> None:
+        """Free a streamed stack's weights (a resident one keeps them: it is meant to)."""
+        stack = self._shared.get("stack")
+        if stack is not None and not stack.resident:
+            stack.release()
 
     def layer_hooks(self, i: int, block: torch.nn.Module, lw: LayerWidth | None, shape: Shape | None) -> list:
         """Layer i's masks, compensation biases and adapter as hooks on `block` (returns the handles)."""

@@ -46,14 +46,10 @@ class LayerStack:
         self.model = model.eval().requires_grad_(False)
         self.weights, self.compute = weights, compute
         self.model.model.rotary_emb.to(compute.torch_device)
-        self._fill(self.model.model.embed_tokens, "model.embed_tokens.")
-        self._fill(self.model.model.norm, "model.norm.")
-        if "lm_head.weight" in weights and not getattr(config, "tie_word_embeddings", False):
-            self._fill(self.model.lm_head, "lm_head.")
-        else:
-            self.model.lm_head.weight = self.model.model.embed_tokens.weight
+        self._own_head = "lm_head.weight" in weights and not getattr(config, "tie_word_embeddings", False)
         self.resident = self.fits() if resident is None else resident
         self._loaded: set[int] = set()
+        self._ends = False  # embeddings, final norm and LM head loaded
 
     def layer_bytes(self) -> int:
         """All decoder layers' weights in the compute dtype."""
@@ -66,6 +62,29 @@ class LayerStack:
     @property
     def n_layers(self) -> int:
         return len(self.model.model.layers)
+
+    def _load_ends(self) -> None:
+        if self._ends:
+            return
+        m = self.model
+        self._fill(m.model.embed_tokens, "model.embed_tokens.")
+        self._fill(m.model.norm, "model.norm.")
+        if self._own_head:
+            self._fill(m.lm_head, "lm_head.")
+        else:
+            m.lm_head.weight = m.model.embed_tokens.weight
+        self._ends = True
+
+    def release(self) -> None:
+        """Drop every loaded weight (used again, the stack reads them again): between the reference
+        and the artifact's own runtime in verify, so the two never hold memory together."""
+        m = self.model
+        for i in self._loaded:
+            m.model.layers[i].to_empty(device="meta")
+        for module in (m.model.embed_tokens, m.model.norm, m.lm_head):
+            module.to_empty(device="meta")
+        self._loaded.clear()
+        self._ends = False
 
     def _fill(self, module: torch.nn.Module, prefix: str) -> None:
         c = self.compute
@@ -88,6 +107,7 @@ class LayerStack:
 
     @torch.inference_mode()
     def embed(self, ids: torch.Tensor) -> State:
+        self._load_ends()
         ids = ids.to(self.compute.torch_device)
         hidden = self.model.model.embed_tokens(ids)
         positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
@@ -115,4 +135,5 @@ class LayerStack:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._load_ends()
         return self.model.lm_head(self.model.model.norm(hidden))

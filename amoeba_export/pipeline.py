@@ -95,12 +95,15 @@ class Result:
     manifest: dict
 
 
-def verify(elastic: ElasticModel, shape: Shape, logits_fn) -> dict:
-    """Compare the artifact's logits with the masked reference forward on a fixed prompt."""
+def verify(elastic: ElasticModel, shape: Shape, load: Callable[[], Callable]) -> dict:
+    """Compare the artifact's logits (its runtime made by `load()`) with the masked reference forward
+    on a fixed prompt. The reference runs first and a streamed one is released before the artifact
+    is loaded, so the two never hold memory together."""
     tok = elastic.tokenizer()
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
     ref = elastic.logits(ids, shape).float()
-    got = logits_fn(ids).float()
+    elastic.release()
+    got = load()(ids).float()
     top = ref.topk(min(TOP_K, ref.shape[-1]), dim=-1).indices
     return {
         "prompt_tokens": int(ids.shape[1]),
@@ -207,6 +210,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
         raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
     shape = elastic.strategy.resolve(shape)
     dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
+    elastic.release()  # what legalize measured: the export streams, and needs none of it
     accepted: list[str] = []  # what --accept-parity-loss let through, for the manifest
     failure = legalize_failure(report, flow, shape)
     if failure is not None and not accept_parity_loss:
@@ -221,7 +225,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             # The reference is what legalize made (the elastic model the dense model came from, with any
             # re-selection or dropped biases), so this checks the export exactly; legalize's own cost
             # was measured and judged above.
-            parity = verify(dense._elastic, shape, exporter.load(tmp))
+            parity = verify(dense._elastic, shape, lambda: exporter.load(tmp))
             parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None, elastic.compute))
             fmt = quant or str(dense.dtype).removeprefix("torch.")
             failure = parity_failure(parity, fmt)

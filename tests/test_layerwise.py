@@ -160,3 +160,20 @@ def test_resident_follows_free_memory(tiny_gqa, monkeypatch):
     assert ElasticModel(tiny_gqa).stack().resident
     monkeypatch.setattr(lw, "available_bytes", lambda c: 1000)
     assert not ElasticModel(tiny_gqa).stack().resident
+
+
+def test_verify_frees_a_streamed_reference_before_the_artifact_loads(tiny_gqa):
+    """The reference and the artifact's runtime never hold memory together."""
+    from amoeba_export.pipeline import verify
+
+    em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa), resident=False)
+    shape = em.strategy.space.smallest
+    seen = {}
+
+    def load():
+        seen["real"] = [n for n, p in em.stack().model.named_parameters() if p.device.type != "meta"]
+        return lambda ids: em.logits(ids, shape)
+
+    parity = verify(em, shape, load)
+    assert seen["real"] == [] and parity["max_abs_logit_diff"] == 0.0
+    assert parity["reference_forward"] == "layer by layer"
