@@ -39,6 +39,21 @@ def test_parity_of_three_shapes(elastic, tmp_path, shape):
     assert p["max_abs_logit_diff"] < 1e-4 and p["greedy_token_agreement"] == 1.0, p
 
 
+def test_shipped_accuracy_entry_reproduces(elastic):
+    """The layer-wise reference scores a shape as the shipped accuracy table says: the same
+    multiple-choice answers, and perplexity within float rounding (the table's own thread count)."""
+    import json
+
+    from amoeba_export.score import EvalConfig, default_path, eval_set, score_shape
+
+    shipped = json.loads(default_path(SHIPPED_DIR).read_text())["entries"]["24x0.75"]
+    cfg = EvalConfig()
+    windows, items = eval_set(elastic.tokenizer(), cfg)
+    entry = score_shape(elastic.logits_fn(Shape.parse("24x0.75")), elastic.tokenizer(), windows, items, cfg)
+    assert entry["mc"] == shipped["mc"] and entry["ppl_tokens"] == shipped["ppl_tokens"]
+    assert entry["ppl"] == pytest.approx(shipped["ppl"], rel=1e-4)
+
+
 def test_depth_dp_slice_reproduces(elastic):
     """Re-run the first DP rows with the shipped settings: same scores, same decisions."""
     from trainer.calibrate import CalibrationConfig, depth_evaluator
