@@ -46,7 +46,7 @@ def test_shipped_accuracy_entry_reproduces(elastic):
 
     from amoeba_export.score import EvalConfig, default_path, eval_set, score_shape
 
-    shipped = json.loads(default_path(SHIPPED_DIR).read_text())["entries"]["24x0.75"]
+    shipped = json.loads((SHIPPED_DIR / default_path(SHIPPED_DIR).name).read_text())["entries"]["24x0.75"]
     cfg = EvalConfig()
     windows, items = eval_set(elastic.tokenizer(), cfg)
     entry = score_shape(elastic.logits_fn(Shape.parse("24x0.75")), elastic.tokenizer(), windows, items, cfg)
