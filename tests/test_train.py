@@ -5,6 +5,7 @@ compiler."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 
@@ -343,3 +344,18 @@ def test_bundled_instruction_pairs_with_the_default_chat_template():
     p, r = instruct.render(tok, pairs[0])  # GSM8K's first question, ChatML
     assert tok.decode(p).endswith("<|im_start|>assistant\n") and pairs[0].prompt in tok.decode(p)
     assert tok.decode(r) == pairs[0].response + "<|im_end|>"
+
+
+def test_half_precision_base_trains_in_fp32_adapters(run_inputs, tmp_path):
+    """--compute-dtype bfloat16 (CUDA's default) runs the frozen base in bf16 and the adapter in fp32;
+    a GPU run takes the same path on another device."""
+    from amoeba_export.compute import Compute
+
+    model_dir, root = run_inputs
+    report = train(model_dir, root / "strategy", config(root, steps=2, eval_pairs=4), tmp_path / "bf16", progress=False,
+                   compute=Compute("cpu", "bfloat16"))
+    assert all(math.isfinite(v) for v in report["after"].values())
+    assert SMOL.load(tmp_path / "bf16" / "adapter").experts  # fp32 factors were saved
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES=1"):
+        train(model_dir, root / "strategy", config(root, steps=1), tmp_path / "gpu1", progress=False,
+              compute=Compute("cuda:1", "bfloat16"))
