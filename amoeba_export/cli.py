@@ -545,8 +545,9 @@ def import_checkpoint(checkpoint, npy, model, out, force, width_choice):
 @OTHER_WEIGHTS
 @TABLES
 @JSON
+@compute_options
 def matrix(matrix_file, dist, runner, only, no_build, no_verify, force, model, strategy_dir, allow_other_weights, tables,
-           as_json):
+           as_json, device, compute_dtype):
     """Build a list of (target, flow, budget) artifacts into a dist folder, with a summary table."""
     from . import matrix as mx
     from .elastic import load_elastic
@@ -563,7 +564,8 @@ def matrix(matrix_file, dist, runner, only, no_build, no_verify, force, model, s
     if not rows:
         raise UserError(f"{matrix_file}: no rows{f' for runner {runner!r}' if runner else ''}")
     dist = Path(dist or file_dist or "dist")
-    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
+    elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights,
+                                 compute=resolve_compute(device, compute_dtype))
     mx.check(rows, dist, elastic, force=force, protect=(elastic.dir, sdir))  # every row, before the first build
     results = mx.run(rows, dist, elastic, sdir, build=not no_build, check=not no_verify, notice=note, force=force,
                      tables=tables)
