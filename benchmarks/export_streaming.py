@@ -99,19 +99,19 @@ def n_params(specs) -> int:
     return total
 
 
-def synth_tensors(specs):
-    """One tensor at a time: seeded per tensor, normal*0.02 (norms = ones), fp16."""
+def synth_tensors(specs, seed: int = SEED, std: float = 0.02):
+    """One tensor at a time: seeded per tensor, normal*std (norms = ones), fp16."""
     import torch
 
     for k, (name, shape) in enumerate(specs):
         if name.endswith("norm.weight"):
             yield name, torch.ones(shape, dtype=torch.float16)
             continue
-        g = torch.Generator().manual_seed(SEED * 1000 + k)
+        g = torch.Generator().manual_seed(seed * 1000 + k)
         t = torch.empty(shape, dtype=torch.float16)
         rows = max(1, (64 * MiB) // (4 * shape[-1]))  # fp32 scratch of <= 64 MiB at a time
         for r in range(0, shape[0], rows):
-            t[r:r + rows] = (torch.randn((min(rows, shape[0] - r),) + tuple(shape[1:]), generator=g) * 0.02).half()
+            t[r:r + rows] = (torch.randn((min(rows, shape[0] - r),) + tuple(shape[1:]), generator=g) * std).half()
         yield name, t
 
 
@@ -129,39 +129,50 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
     fast.save_pretrained(directory)
 
 
-def model_ready(model_dir: Path) -> bool:
+def model_ready(model_dir: Path, config: dict = CONFIG, seed: int = SEED, extra: dict | None = None) -> bool:
+    """The synthetic model of `config`/`seed` is complete in `model_dir` (its marker, then every tensor
+    name in the shard headers). `extra`: more marker fields that must match (e.g. the tokenizer's)."""
     from amoeba_export.base_model import weight_files
     from amoeba_export.io import safetensors_header
 
     try:
         marker = json.loads((model_dir / MARKER).read_text())
-        if marker.get("version") != MARKER_VERSION or marker.get("config") != CONFIG or marker.get("seed") != SEED:
+        if marker.get("version") != MARKER_VERSION or marker.get("config") != config or marker.get("seed") != seed:
+            return False
+        if any(marker.get(k) != v for k, v in (extra or {}).items()):
             return False
         names = set()
         for f in weight_files(model_dir):
             names |= set(safetensors_header(f)) - {"__metadata__"}
-        return names == {n for n, _ in source_specs(CONFIG)}
+        return names == {n for n, _ in source_specs(config)}
     except Exception:
         return False
 
 
-def make_model(model_dir: Path) -> None:
+def make_model(model_dir: Path, config: dict = CONFIG, seed: int = SEED, shard_bytes: int = SHARD_BYTES,
+               std: float = 0.02, tokenizer=None, extra: dict | None = None) -> None:
+    """Write the synthetic model of `config` into `model_dir` (atomically), tensor by tensor, as fp16
+    safetensors shards of at most `shard_bytes` with an index. `tokenizer(dir)` writes the tokenizer
+    files (default: a WordLevel tokenizer of exactly vocab_size entries); `extra` goes into the marker."""
     import torch
 
     from amoeba_export.base_model import weight_files
     from amoeba_export.io import atomic_dir, write_safetensors_stream
 
-    specs = source_specs(CONFIG)
+    specs = source_specs(config)
     t0 = time.perf_counter()
     print(f"writing the synthetic model ({n_params(specs) / 1e9:.3f}B params, fp16) to {model_dir} ...", flush=True)
     with atomic_dir(model_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
-        write_safetensors_stream(tmp, specs, synth_tensors(specs), torch.float16, max_shard_bytes=SHARD_BYTES)
-        write_tokenizer(tmp, CONFIG["vocab_size"])
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors_stream(tmp, specs, synth_tensors(specs, seed, std), torch.float16, max_shard_bytes=shard_bytes)
+        if tokenizer is None:
+            write_tokenizer(tmp, config["vocab_size"])
+        else:
+            tokenizer(tmp)
         files = weight_files(tmp)
         if len(files) < 2 or not (tmp / "model.safetensors.index.json").is_file():
             raise RuntimeError(f"expected a sharded model with an index, got {files}")
-        (tmp / MARKER).write_text(json.dumps({"version": MARKER_VERSION, "config": CONFIG, "seed": SEED}))
+        (tmp / MARKER).write_text(json.dumps({"version": MARKER_VERSION, "config": config, "seed": seed, **(extra or {})}))
     print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
