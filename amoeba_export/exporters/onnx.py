@@ -1,8 +1,12 @@
 """The ONNX flow: `model.onnx` with KV-cache inputs and outputs, run by ONNX Runtime.
 
 The graph is torch.onnx's dynamo export of the transformers model (stock `LlamaForCausalLM`, or
-`amoeba_llama` for per-layer sizes), built in memory from the DenseModel by the PyTorch exporter's
-`in_memory` and wrapped so that the KV cache is explicit I/O (docs/formats.md §8.2). Names follow the
+`amoeba_llama` for per-layer sizes), wrapped so that the KV cache is explicit I/O (docs/formats.md
+§8.2). A model that fits one file (under LARGE_BYTES) is built in memory with its weights by the
+PyTorch exporter's `in_memory`; a larger one is traced from zero-stride placeholder weights and its
+weights are streamed from `DenseModel.tensors()` into `model.onnx.data`, one at a time (each linear
+stored transposed, as constant folding stores it, at 64 KiB-aligned offsets that ONNX Runtime can
+memory-map), so exporting a 7B model holds about one weight (docs/scale.md). Names follow the
 ORT-GenAI / optimum convention:
 
     inputs   input_ids [batch_size, sequence_length]            int64
@@ -99,10 +103,39 @@ class KVCacheDecoder(torch.nn.Module):
         return (out.logits, *present)
 
 
-def export_graph(dense: DenseModel):
-    """torch.onnx (dynamo) export of `dense` with dynamic batch, sequence and past: an onnx_ir Model."""
+def placeholder_module(dense: DenseModel):
+    """The transformers module of `dense` with every weight a zero-stride placeholder (one element
+    broadcast to its shape): the right shapes and dtypes for tracing, no memory for the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+
+    cfg = pytorch.hf_config(dense)
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dense.dtype)
+    zero = torch.zeros((), dtype=dense.dtype)
+    model.load_state_dict({n: zero.expand(s) for n, s in dense.tensor_specs()}, strict=not dense.tied, assign=True)
+    if dense.tied:
+        model.tie_weights()
+    rope = model.model.rotary_emb  # computed, not loaded: the real buffer (tiny)
+    model.model.rotary_emb = type(rope)(config=model.config)
+    return model.eval()
+
+
+def export_graph(dense: DenseModel, stream: bool = False):
+    """torch.onnx (dynamo) export of `dense` with dynamic batch, sequence and past: an onnx_ir Model.
+
+    `stream=False`: the module holds the real weights (`pytorch.in_memory`), which become the graph's
+    initializers, folded and deduplicated by `simplify`. `stream=True`: the module holds placeholders
+    and the graph is traced from shapes alone; the weight initializers are left without values
+    (`const_value` None), so no pass reads or folds them, and each one that only feeds a
+    Transpose(1, 0) (every linear) becomes one initializer holding the transposed weight, as
+    constant folding makes it from real weights. `write_streamed` then fills them in from
+    `dense.tensors()`. Returns (model, {weight name: [(initializer, transposed)]}) when streaming,
+    else the model."""
     n = len(dense.layers)
-    model = pytorch.in_memory(dense)  # built on the meta device, each weight assigned once
+    model = placeholder_module(dense) if stream else pytorch.in_memory(dense)  # meta device, weights assigned once
     B, S, P = 2, 3, 4  # example sizes; all three are dynamic (P = 0 included)
     args = (
         torch.zeros(B, S, dtype=torch.long),
@@ -114,9 +147,10 @@ def export_graph(dense: DenseModel):
     batch, seq, past = Dim(BATCH), Dim(SEQ), Dim(PAST_SEQ, min=0)
     # torch.export sees `*past` as one tuple argument
     shapes = ({0: batch, 1: seq}, {0: batch, 1: Dim.AUTO}, {0: batch, 1: seq}, ({0: batch, 2: past},) * (2 * n))
-    quiet = logging.getLogger("torch.onnx")  # "torchvision is not installed" on every export
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    quiet = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]  # "torchvision is not installed"
+    levels = [q.level for q in quiet]  # on every export; onnx_ir's notes on the value-less weights
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.onnx's FutureWarnings about its own internals
@@ -125,11 +159,73 @@ def export_graph(dense: DenseModel):
                 input_names=[*INPUTS, *kv_names(PAST, n)], output_names=["logits", *kv_names(PRESENT, n)],
                 optimize=False, verbose=False,
             )
+        del model
+        weights = detach_weights(program.model, dense) if stream else None
+        simplify(program.model)
+        normalise(program.model)
     finally:
-        quiet.setLevel(level)
-    simplify(program.model)
-    normalise(program.model)
-    return program.model
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    return (program.model, weights) if stream else program.model
+
+
+WRAPPER_PREFIX = "model."  # KVCacheDecoder's attribute: the module's parameters are model.<HF name>
+
+
+def detach_weights(model, dense: DenseModel) -> dict[str, list[tuple[object, bool]]]:
+    """Drop the placeholder values of the weight initializers and fold each Transpose(1, 0) that is a
+    weight's only use into a transposed initializer (named `<weight>.T`). Returns, per HF weight name,
+    the initializers its data goes to and whether transposed."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    out: dict[str, list[tuple[object, bool]]] = {}
+    for name, _ in dense.tensor_specs():
+        value = graph.initializers.get(WRAPPER_PREFIX + name)
+        if value is None and dense.tied and name == "model.embed_tokens.weight":  # traced under the tied name
+            value = graph.initializers.get(WRAPPER_PREFIX + "lm_head.weight")
+        if value is None:
+            raise RuntimeError(f"the traced graph has no initializer for {name}")
+        value.const_value = None
+        users = value.consumers()
+        node = users[0] if len(users) == 1 else None
+        perm = node.attributes.get("perm") if node is not None and node.op_type == "Transpose" else None
+        if perm is None or list(perm.value) != [1, 0] or len(value.shape) != 2:
+            out[name] = [(value, False)]
+            continue
+        rows, cols = value.shape
+        folded = ir.Value(name=f"{WRAPPER_PREFIX}{name}.T", shape=ir.Shape([cols, rows]), type=value.type)
+        node.outputs[0].replace_all_uses_with(folded)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(value.name)
+        folded.const_value = ir.tensor(np.zeros(0, np.float32))  # register_initializer wants a value ...
+        graph.register_initializer(folded)
+        folded.const_value = None  # ... and write_streamed sets the real one
+        out[name] = [(folded, True)]
+    return out
+
+
+DATA_ALIGN = 1 << 16  # offsets in model.onnx.data: ONNX Runtime memory-maps aligned external data
+
+
+def write_streamed(dense: DenseModel, weights: dict, out_dir: Path) -> int:
+    """Write `model.onnx.data` from `dense.tensors()`, one weight at a time (transposed where the
+    graph wants it so), and point each weight initializer at its bytes. Returns the bytes written."""
+    import onnx_ir as ir
+
+    dtype = ir.DataType.from_numpy(np.dtype(NP_DTYPES[str(dense.dtype).removeprefix("torch.")]))
+    with open(out_dir / DATA_FILE, "wb") as f:
+        for name, t in tqdm(dense.tensors(), total=len(weights), desc="onnx: writing weights", unit="tensor",
+                            leave=False):
+            for value, transposed in weights[name]:
+                data = (t.T if transposed else t).contiguous()
+                f.write(b"\0" * (-f.tell() % DATA_ALIGN))
+                offset = f.tell()
+                f.write(data.view(-1).view(torch.uint8).numpy().data if data.numel() else b"")
+                value.const_value = ir.ExternalTensor(DATA_FILE, offset, f.tell() - offset, dtype,
+                                                      shape=ir.Shape(data.shape), name=value.name, base_dir=out_dir)
+            del t, data
+        return f.tell()
 
 
 def simplify(model) -> None:
@@ -184,16 +280,12 @@ def normalise(model) -> None:
     model.doc_string = graph.doc_string = None
 
 
-def save_graph(model, out_dir: Path, nbytes: int) -> list[str]:
-    """Write `model.onnx`, with its weights in `model.onnx.data` when a single file would pass
-    protobuf's 2 GiB limit."""
+def save_graph(model, path: Path) -> None:
+    """Write the graph as it is: initializers with values inline, external ones (`write_streamed`)
+    pointing where they are."""
     import onnx_ir as ir
 
-    if nbytes > LARGE_BYTES:
-        ir.save(model, out_dir / MODEL_FILE, external_data=DATA_FILE)
-        return [MODEL_FILE, DATA_FILE]
-    ir.save(model, out_dir / MODEL_FILE)
-    return [MODEL_FILE]
+    ir.save(model, path)
 
 
 # ---------------------------------------------------------------- emit
@@ -243,10 +335,17 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     check_quant(dense, quant)
     item = torch.tensor([], dtype=dense.dtype).element_size()
     with tqdm(total=3 if genai else 2, desc="onnx: torch.onnx export", unit="step", leave=False) as bar:
-        graph = export_graph(dense)
-        bar.set_description("onnx: writing model.onnx")
+        if dense.parameters() * item > LARGE_BYTES:  # traced from shapes, weights streamed to model.onnx.data
+            graph, weights = export_graph(dense, stream=True)
+            bar.set_description("onnx: writing model.onnx.data")
+            write_streamed(dense, weights, out_dir)
+            files = [MODEL_FILE, DATA_FILE]
+        else:  # small enough for one file: traced with the weights, which the passes fold and deduplicate
+            graph = export_graph(dense)
+            bar.set_description("onnx: writing model.onnx")
+            files = [MODEL_FILE]
+        save_graph(graph, out_dir / MODEL_FILE)
         bar.update()
-        files = save_graph(graph, out_dir, dense.parameters() * item)
         del graph
         files += pytorch.copy_tokenizer(tokenizer_dir, out_dir)
         bar.update()
