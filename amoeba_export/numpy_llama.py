@@ -3,7 +3,9 @@
 TensorRT-LLM and MLC-LLM need a GPU; their exporters are checked by reading the written files back
 (by the flow's own tensor names), mapping them to Hugging Face names, and running this forward:
 no KV cache, the whole sequence at once, float32 by default. Weights are converted to the compute
-dtype one layer at a time. On SmolLM2-135M (logits within about ±40, an 18-token prompt) the float32
+dtype one layer at a time, and only then read: `weights` may be a `LazyWeights`, whose arrays are
+made when looked up (memory-mapped, dequantised, split), so a 7B artifact is checked holding about
+one layer (or the embedding, or a slice of the output projection) in float32 plus the activations. On SmolLM2-135M (logits within about ±40, an 18-token prompt) the float32
 forward differs from transformers' by 5e-5 to 9e-5, and so does a float64 one (up to 2.4e-4 at
 19x0.5): at that size the difference is float32 rounding in the reference itself, not an error of
 either forward. It follows transformers' LlamaForCausalLM
@@ -13,6 +15,7 @@ MLP), with optional biases on every linear and per-layer head counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,44 @@ class Config:
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None = None  # the output projection is lm_head.weight where given, else the embedding
+
+
+class LazyWeights(Mapping):
+    """A read-only mapping name -> array whose values are made by their loader at each lookup (not
+    kept): iterating the names reads nothing, and a forward that looks up one layer at a time holds
+    one layer."""
+
+    def __init__(self, loaders: dict[str, Callable[[], np.ndarray]]):
+        self._loaders = loaders
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._loaders[name]()
+
+    def __contains__(self, name) -> bool:
+        return name in self._loaders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+
+class LastParts:
+    """A one-entry cache for fused tensors read as parts (qkv -> q, k, v): the fused array is made
+    once for its consecutive part lookups, and dropped when another one is asked for."""
+
+    def __init__(self):
+        self._key, self._parts = None, None
+
+    def get(self, key, make: Callable[[], list[np.ndarray]]) -> list[np.ndarray]:
+        if key != self._key:
+            self._key, self._parts = None, None  # free the previous one first
+            self._parts, self._key = make(), key
+        return self._parts
+
+
+HEAD_ROWS = 8192  # output-projection rows converted to the compute dtype at a time
 
 
 def rope_kind(scaling: dict | None) -> str:
@@ -69,22 +110,21 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return x * cos + rotated * sin
 
 
-def forward(weights: dict[str, np.ndarray], cfg: Config, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
+def forward(weights: Mapping[str, np.ndarray], cfg: Config, ids: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Logits [B, T, V] (float32) for `ids` [B, T], computed in `dtype`; `weights` maps HF tensor
-    names to arrays."""
+    names to arrays (a dict, or a `LazyWeights` read one layer at a time)."""
     w = weights
     ids = np.asarray(ids)
     B, T = ids.shape
     D = cfg.head_dim
-    embed = np.asarray(w["model.embed_tokens.weight"], dtype=dtype)
-    x = embed[ids]
+    x = np.asarray(w["model.embed_tokens.weight"][ids], dtype=dtype)  # only the rows used are converted
     angles = np.arange(T)[:, None] * rope_frequencies(cfg.rope_theta, D, cfg.rope_scaling)[None]
     cos = np.cos(np.concatenate([angles, angles], -1)).astype(dtype)
     sin = np.sin(np.concatenate([angles, angles], -1)).astype(dtype)
     causal = np.triu(np.full((T, T), -np.inf, dtype=dtype), 1)
     for j, (nh, nkv) in enumerate(cfg.layers):
         prefix = f"model.layers.{j}."
-        p = {k[len(prefix):]: np.asarray(v, dtype=dtype) for k, v in w.items() if k.startswith(prefix)}
+        p = {k[len(prefix):]: np.asarray(w[k], dtype=dtype) for k in w if k.startswith(prefix)}
         h = _rms_norm(x, p["input_layernorm.weight"], cfg.rms_norm_eps)
         q = _linear(h, p, "self_attn.q_proj").reshape(B, T, nh, D).transpose(0, 2, 1, 3)
         k = _linear(h, p, "self_attn.k_proj").reshape(B, T, nkv, D).transpose(0, 2, 1, 3)
@@ -98,9 +138,13 @@ def forward(weights: dict[str, np.ndarray], cfg: Config, ids: np.ndarray, dtype=
         h = _rms_norm(x, p["post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate = _linear(h, p, "mlp.gate_proj")
         x = x + _linear(gate / (1 + np.exp(-gate)) * _linear(h, p, "mlp.up_proj"), p, "mlp.down_proj")
+        del p
     x = _rms_norm(x, np.asarray(w["model.norm.weight"], dtype=dtype), cfg.rms_norm_eps)
-    head = np.asarray(w["lm_head.weight"], dtype=dtype) if "lm_head.weight" in w else embed
-    return (x @ head.T).astype(np.float32)
+    head = w["lm_head.weight"] if "lm_head.weight" in w else w["model.embed_tokens.weight"]
+    out = np.empty((B, T, head.shape[0]), np.float32)
+    for r in range(0, head.shape[0], HEAD_ROWS):  # the projection a block of rows at a time
+        out[..., r:r + HEAD_ROWS] = x @ np.asarray(head[r:r + HEAD_ROWS], dtype=dtype).T
+    return out
 
 
 def logits_fn(weights: dict[str, np.ndarray], cfg: Config):

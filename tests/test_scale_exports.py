@@ -2,7 +2,8 @@
 
 Every exporter reads `DenseModel.tensors()` one tensor at a time; here each yielded tensor is
 tracked (a weak reference) and the largest number of bytes alive at once is compared with one
-layer's weights. A deep tiny model makes "one layer" much
+layer's weights. The artifact side of the NumPy check (the MLC and TensorRT-LLM `load`) is tracked
+the same way through the arrays its lazy readers hand out. A deep tiny model makes "one layer" much
 less than "the whole model", so holding everything fails these tests (the ONNX exporter's
 in-memory route, kept for small models, is the counter-example).
 """
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import tiny
+from amoeba_export import numpy_llama
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.exporters import gguf, mlc, onnx as ox, pytorch, trtllm
 from amoeba_export.materialize import materialize
@@ -129,3 +131,44 @@ def test_onnx_streamed_route_matches_in_memory(deep, tmp_path, monkeypatch):
     offsets = [int(e.value) for t in model.graph.initializer for e in t.external_data if e.key == "offset"]
     assert offsets and all(o % ox.DATA_ALIGN == 0 for o in offsets)
     assert (ox.load(large)(ids) - em.logits(ids, shape)).abs().max().item() < 1e-2  # float16
+
+
+class TrackedWeights(numpy_llama.LazyWeights):
+    live: Live
+
+    def __getitem__(self, name):
+        arr = super().__getitem__(name)  # each name is looked up once per forward
+        return self.live.track(arr, arr.nbytes)
+
+
+@pytest.mark.parametrize("flow,quant", [("trtllm", None), ("mlc", "q0f32"), ("mlc", "q4f32_1")])
+def test_numpy_check_reads_one_layer_at_a_time(deep, tmp_path, monkeypatch, flow, quant):
+    """verify's artifact side for the flows without a runtime here: the arrays the lazy reader hands
+    out, alive at once, stay within two layers (one, plus the fused q/k/v split kept for its parts)
+    or the output projection, and the logits are those of the same forward over every array read
+    up front (and, unquantised, the reference's)."""
+    em, shape = deep
+    dense = materialize(em, shape)
+    exporter = {"trtllm": trtllm, "mlc": mlc}[flow]
+    exporter.emit(dense, tmp_path, em.dir, quant=quant)
+    live = Live()
+    TrackedWeights.live = live
+    monkeypatch.setattr(numpy_llama, "LazyWeights", TrackedWeights)
+    captured = {}
+    real_logits_fn = numpy_llama.logits_fn
+
+    def capture(weights, cfg):
+        captured.update(w=weights, cfg=cfg)
+        return real_logits_fn(weights, cfg)
+
+    monkeypatch.setattr(numpy_llama, "logits_fn", capture)  # mlc imports it at call time
+    monkeypatch.setattr(trtllm, "logits_fn", capture)
+    logits = exporter.load(tmp_path)
+    ids = tiny.ids(10, batch=2, seed=2)
+    got = logits(ids)
+    layer, largest, total = layer_bytes(dense)  # float32 here, as the check computes
+    assert 0 < live.peak <= 2 * layer + largest, (live.peak, layer, largest, total)
+    eager = numpy_llama.forward(dict(captured["w"].items()), captured["cfg"], ids.numpy())
+    assert np.array_equal(got.numpy(), eager)
+    if quant != "q4f32_1":
+        assert (got - em.logits(ids, shape)).abs().max().item() < 1e-3

@@ -108,11 +108,16 @@ def quantize_q4(w: np.ndarray, dtype=np.float16) -> tuple[np.ndarray, np.ndarray
 def dequantize_q4(q_weight: np.ndarray, q_scale: np.ndarray, k: int | None = None) -> np.ndarray:
     """(q - 7) * scale in the scale's dtype, as MLC's kernels compute it; [N, k] (k: the real in-features)."""
     dtype = q_scale.dtype
-    N = q_weight.shape[0]
-    nibbles = (q_weight[..., None] >> (4 * np.arange(8)).astype(np.uint32)) & np.uint32(0xF)
-    q = nibbles.reshape(N, -1).astype(dtype)
-    out = (q - dtype.type(MAX_INT)) * np.repeat(q_scale, GROUP, axis=1)[:, :q.shape[1]]
-    return out[:, :k] if k is not None else out
+    N, K = q_weight.shape[0], q_weight.shape[1] * 8
+    k = K if k is None else k
+    out = np.empty((N, k), dtype)
+    shifts = (4 * np.arange(8)).astype(np.uint32)
+    step = max(1, (1 << 22) // max(K, 1))  # rows at a time: the temporaries of a large embedding stay small
+    for r in range(0, N, step):
+        nibbles = (np.asarray(q_weight[r:r + step])[..., None] >> shifts) & np.uint32(0xF)
+        q = nibbles.reshape(len(nibbles), -1).astype(dtype)
+        out[r:r + step] = ((q - dtype.type(MAX_INT)) * np.repeat(q_scale[r:r + step], GROUP, axis=1)[:, :K])[:, :k]
+    return out
 
 
 # ---------------------------------------------------------------- tensors
@@ -205,33 +210,54 @@ def read_cache(out_dir: Path, name: str = CACHE_FILES[0]) -> dict[str, np.ndarra
     """Every tensor of the cache by name, md5 and sizes checked (a one-line UserError otherwise).
     float32 stored as bf16 bits ("f32-to-bf16", what convert_weight writes) and bfloat16 come back as
     float32 (exact); other dtypes as they are stored."""
+    return {k: np.array(v) for k, v in lazy_cache(out_dir, name).items()}
+
+
+def lazy_cache(out_dir: Path, name: str = CACHE_FILES[0]) -> "LazyWeights":
+    """`read_cache` without reading: the same checks (every shard's size and md5, hashed a block at a
+    time, and every record's range) up front, then each tensor is memory-mapped from its shard when
+    looked up (bf16 widened to float32 then)."""
+    from ..io import hash_into
+    from ..numpy_llama import LazyWeights
+
     out_dir = Path(out_dir)
     cache = read_json(out_dir / name)
-    out: dict[str, np.ndarray] = {}
+    loaders = {}
     try:
         for shard in cache["records"]:
             path = out_dir / shard["dataPath"]
             if not path.is_file():
                 raise UserError(f"missing MLC weight shard {path}")
-            raw = memoryview(path.read_bytes())
-            if len(raw) != shard["nbytes"]:
-                raise UserError(f"truncated MLC weight shard {path}: {len(raw)} bytes, {name} says {shard['nbytes']}")
-            if "md5sum" in shard and hashlib.md5(raw).hexdigest() != shard["md5sum"]:
+            size = path.stat().st_size
+            if size != shard["nbytes"]:
+                raise UserError(f"truncated MLC weight shard {path}: {size} bytes, {name} says {shard['nbytes']}")
+            if "md5sum" in shard and hash_into(hashlib.md5(), path).hexdigest() != shard["md5sum"]:
                 raise UserError(f"corrupt MLC weight shard {path}: its md5 is not the {shard['md5sum']} "
                                 f"that {name} records")
             for rec in shard["records"]:
                 start, n, dtype = rec["byteOffset"], rec["nbytes"], rec["dtype"]
-                if start + n > len(raw):
+                if start + n > size:
                     raise UserError(f"corrupt {name}: {rec['name']} runs past the end of {path.name}")
-                buf = raw[start:start + n]
-                if dtype == "bfloat16" or (dtype == "float32" and rec["format"] == "f32-to-bf16"):
-                    arr = (np.frombuffer(buf, np.uint16).astype(np.uint32) << 16).view(np.float32)
-                else:
-                    arr = np.frombuffer(buf, np.dtype(dtype)).copy()
-                out[rec["name"]] = arr.reshape(rec["shape"])
+                widen = dtype == "bfloat16" or (dtype == "float32" and rec["format"] == "f32-to-bf16")
+                stored = np.dtype(np.uint16 if widen else dtype)
+                shape = tuple(rec["shape"])
+                if n != stored.itemsize * int(np.prod(shape, dtype=np.int64)):
+                    raise ValueError(f"{rec['name']}: {n} bytes for shape {list(shape)} of {dtype}")
+                loaders[rec["name"]] = _mapped(path, start, n, stored, shape, widen)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"corrupt {out_dir / name}: {type(e).__name__} {e}") from None
-    return out
+    return LazyWeights(loaders)
+
+
+def _mapped(path: Path, start: int, n: int, stored: np.dtype, shape: tuple, widen: bool):
+    def load() -> np.ndarray:
+        if n == 0:
+            arr = np.zeros(shape, stored)
+        else:
+            arr = np.memmap(path, dtype=stored, mode="r", offset=start, shape=shape)
+        return (arr.astype(np.uint32) << 16).view(np.float32) if widen else arr
+
+    return load
 
 
 # ---------------------------------------------------------------- mlc-chat-config.json
@@ -580,33 +606,46 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
 
 # ---------------------------------------------------------------- load (verify)
 
-def hf_weights(out_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The cache as Hugging Face-named float32 arrays (q4 dequantised, qkv / gate_up split), and model_config."""
+def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
+    """The cache as Hugging Face-named arrays (float16 / float32 as stored, q4 dequantised in its
+    scale's dtype, bf16 widened to float32; qkv / gate_up split), and model_config. Lazy: each array is read (memory-mapped), dequantised and split when looked up,
+    a fused weight once for its consecutive parts, so a forward layer by layer holds one layer."""
+    from ..numpy_llama import LastParts, LazyWeights
+
     out_dir = Path(out_dir)
     mc = read_json(out_dir / CONFIG)["model_config"]
     q, kv, ff, H = mc["num_attention_heads"] * mc["head_dim"], mc["num_key_value_heads"] * mc["head_dim"], \
         mc["intermediate_size"], mc["hidden_size"]
     in_features = {"qkv_proj": H, "o_proj": q, "gate_up_proj": H, "down_proj": ff, "embed_tokens": H, "lm_head": H}
-    cache = read_cache(out_dir)
-    out: dict[str, np.ndarray] = {}
-    for name in sorted(cache):
-        module, _, kind = name.rpartition(".")
-        if kind == "q_scale":
-            continue
+    cache = lazy_cache(out_dir)
+    last = LastParts()
+
+    def stored(module: str, kind: str) -> np.ndarray:
+        name = f"{module}.{kind}"
         if kind == "q_weight":
             w = dequantize_q4(cache[name], cache[f"{module}.q_scale"], in_features[module.rpartition(".")[2]])
         else:
             w = cache[name]
-        w = w.astype(np.float32)
+        return w
+
+    def part(module: str, kind: str, cuts: list[int], i: int):
+        return lambda: last.get((module, kind), lambda: np.split(stored(module, kind), cuts))[i]
+
+    loaders = {}
+    for name in sorted(cache):
+        module, _, kind = name.rpartition(".")
+        if kind == "q_scale":
+            continue
         prefix, _, proj = module.rpartition(".")
         if proj == "qkv_proj":
-            for part, rows in zip(("q_proj", "k_proj", "v_proj"), np.split(w, [q, q + kv])):
-                out[f"{prefix}.{part}.weight"] = rows
+            for i, p in enumerate(("q_proj", "k_proj", "v_proj")):
+                loaders[f"{prefix}.{p}.weight"] = part(module, kind, [q, q + kv], i)
         elif proj == "gate_up_proj":
-            out[f"{prefix}.gate_proj.weight"], out[f"{prefix}.up_proj.weight"] = np.split(w, [ff])
+            for i, p in enumerate(("gate_proj", "up_proj")):
+                loaders[f"{prefix}.{p}.weight"] = part(module, kind, [ff], i)
         else:
-            out[f"{module}.weight"] = w
-    return out, mc
+            loaders[f"{module}.weight"] = (lambda m=module, k=kind: stored(m, k))
+    return LazyWeights(loaders), mc
 
 
 def load(out_dir: Path):

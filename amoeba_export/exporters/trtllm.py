@@ -370,41 +370,74 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
 # ---------------------------------------------------------------- load (verify): NumPy forward
 
 def read_checkpoint(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as float32 NumPy, by its stored name. Read through
-    safetensors' torch API: NumPy has no bfloat16."""
+    """Every tensor of a safetensors file as float32 NumPy, by its stored name."""
+    return {name: np.asarray(v, dtype=np.float32) for name, v in lazy_checkpoint(path).items()}
+
+
+def lazy_checkpoint(path: Path) -> "LazyWeights":
+    """A safetensors file's tensors by their stored names, each read when looked up (NumPy for
+    float16 / float32, bfloat16 widened to float32 through torch: NumPy has no bfloat16)."""
     from safetensors import SafetensorError, safe_open
 
-    safetensors_header(path)  # missing or truncated: a one-line UserError
+    from ..numpy_llama import LazyWeights
+
+    header = safetensors_header(path)  # missing or truncated: a one-line UserError
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name).float().numpy() for name in f.keys()}
+        with safe_open(str(path), framework="pt"):
+            pass
     except SafetensorError as e:
         raise UserError(f"corrupt safetensors file {path}: {e}") from None
 
+    def load(name: str):
+        def get() -> np.ndarray:
+            with safe_open(str(path), framework="pt") as f:
+                t = f.get_tensor(name)
+            return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
-def hf_weights(t: dict[str, np.ndarray], cfg: dict) -> dict[str, np.ndarray]:
-    """TensorRT-LLM names -> HF names: qkv split by (NH, NKV, head_size) rows, fc/gate/proj renamed."""
+        return get
+
+    return LazyWeights({name: load(name) for name in header if name != "__metadata__"})
+
+
+def hf_weights(t, cfg: dict) -> "LazyWeights":
+    """TensorRT-LLM names -> HF names: qkv split by (NH, NKV, head_size) rows, fc/gate/proj renamed.
+    `t` maps the stored names to arrays (a dict or a `LazyWeights`); nothing is read here: each HF
+    tensor is looked up in `t` when asked for, a fused qkv once for its three parts."""
+    from ..numpy_llama import LastParts, LazyWeights
+
     hf_of = {v: k for k, v in GLOBAL_NAMES.items()}
     layer_of = {v: k for k, v in LAYER_NAMES.items()}
     q, kv = cfg["num_attention_heads"] * cfg["head_size"], cfg["num_key_value_heads"] * cfg["head_size"]
+    last = LastParts()
+
+    def qkv_part(name: str, i: int):
+        def get():
+            def split():
+                value = t[name]
+                if value.shape[0] != q + 2 * kv:
+                    raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
+                return np.split(value, [q, q + kv])
+
+            return last.get(name, split)[i]
+
+        return get
+
     out = {}
-    for name, value in t.items():
+    for name in t:
         if name in hf_of:
-            out[hf_of[name]] = value
+            out[hf_of[name]] = (lambda n=name: t[n])
             continue
         layer, _, tail = name.removeprefix("transformer.layers.").partition(".")
         module, _, kind = tail.rpartition(".")
         prefix = f"model.layers.{layer}."
         if module == "attention.qkv":
-            if value.shape[0] != q + 2 * kv:
-                raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
-            for m, part in zip(QKV, np.split(value, [q, q + kv])):
-                out[prefix + f"{m}.{kind}"] = part
+            for i, m in enumerate(QKV):
+                out[prefix + f"{m}.{kind}"] = qkv_part(name, i)
         elif module in layer_of:
-            out[prefix + f"{layer_of[module]}.{kind}"] = value
+            out[prefix + f"{layer_of[module]}.{kind}"] = (lambda n=name: t[n])
         else:
             raise UserError(f"unexpected tensor {name} in the trtllm checkpoint")
-    return out
+    return LazyWeights(out)
 
 
 def required(cfg: dict) -> list[str]:
@@ -421,7 +454,8 @@ def required(cfg: dict) -> list[str]:
 
 def load(out_dir: Path):
     """The unified checkpoint read back by its TensorRT-LLM names and run by the NumPy LLaMA forward
-    (float32), as `ids [B, T] -> logits [B, T, V]`. Sizes come from the checkpoint's config.json."""
+    (float32), as `ids [B, T] -> logits [B, T, V]`. Sizes come from the checkpoint's config.json.
+    The tensors are read as the forward reaches them, so it holds about one layer at a time."""
     ckpt = Path(out_dir) / CKPT
     cfg = read_json(ckpt / "config.json")
     try:
@@ -430,7 +464,7 @@ def load(out_dir: Path):
             raise UserError(f"{ckpt}/config.json is not a LLaMA checkpoint this check can run")
         config = Config(cfg["hidden_size"], [(cfg["num_attention_heads"], cfg["num_key_value_heads"])] * cfg["num_hidden_layers"],
                         cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"], cfg["rotary_scaling"])
-        weights = hf_weights(read_checkpoint(ckpt / RANK0), cfg)
+        weights = hf_weights(lazy_checkpoint(ckpt / RANK0), cfg)
         missing = [n for n in required(cfg) if n not in weights]
     except KeyError as e:
         raise UserError(f"{ckpt}/config.json has no {e.args[0]!r}") from None
