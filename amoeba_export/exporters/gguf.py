@@ -170,6 +170,8 @@ def plan(dense: DenseModel, wtype) -> list[tuple[str, str | np.ndarray, tuple[in
 
 def stream(dense: DenseModel, entries: list) -> Iterator[tuple[str, np.ndarray]]:
     """Converted arrays in `entries` order, one at a time."""
+    from gguf import GGMLQuantizationType as T
+
     heads = {}
     for j, s in enumerate(dense.layers):
         heads[f"blk.{j}.attn_q"] = s.n_heads
@@ -182,7 +184,9 @@ def stream(dense: DenseModel, entries: list) -> Iterator[tuple[str, np.ndarray]]
             got, tensor = next(tensors)
             if got != hf or tuple(tensor.shape) != shape:  # tensors() and tensor_specs() disagree: a bug
                 raise RuntimeError(f"tensor stream out of order: expected {hf} {shape}, got {got} {tuple(tensor.shape)}")
-            data = tensor.float().numpy()
+            # already in the file's float type: no float32 round trip (exact either way, half the memory)
+            same = (t == T.F16 and tensor.dtype == torch.float16) or (t == T.F32 and tensor.dtype == torch.float32)
+            data = tensor.numpy() if same else tensor.float().numpy()
             n = heads.get(name.rpartition(".")[0])
             if n is not None:
                 data = permute_rope(data, n)
