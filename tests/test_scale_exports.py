@@ -172,3 +172,24 @@ def test_numpy_check_reads_one_layer_at_a_time(deep, tmp_path, monkeypatch, flow
     assert np.array_equal(got.numpy(), eager)
     if quant != "q4f32_1":
         assert (got - em.logits(ids, shape)).abs().max().item() < 1e-3
+
+
+def test_onnx_load_runs_large_models_in_low_memory_mode(deep, tmp_path, monkeypatch):
+    """verify's session for a graph with external data: no optimisations (no float32 copy of every
+    float16 weight at load), priority order, no arena; a one-file graph keeps the optimised session."""
+    em, _ = deep
+    shape = Shape(SHALLOW, 1.0)
+    opened = []
+    real = ox.session
+    monkeypatch.setattr(ox, "session", lambda path, threads=None, low_memory=False:
+                        opened.append(low_memory) or real(path, threads, low_memory))
+    ids = tiny.ids(8, batch=1, seed=5)
+    small, large = tmp_path / "inline", tmp_path / "external"
+    small.mkdir(), large.mkdir()
+    ox.emit(materialize(em, shape), small, em.dir, genai=False)
+    with monkeypatch.context() as m:
+        m.setattr(ox, "LARGE_BYTES", 0)
+        ox.emit(materialize(em, shape), large, em.dir, genai=False)
+    a, b = ox.load(small)(ids), ox.load(large)(ids)
+    assert opened == [False, True]
+    assert (a - b).abs().max().item() < 1e-4

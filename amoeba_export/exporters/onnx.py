@@ -513,12 +513,17 @@ def read_config(out_dir: Path) -> dict:
     return read_json(out_dir / CONFIG_FILE)
 
 
-def session(path: Path, threads: int | None = None):
+def session(path: Path, threads: int | None = None, low_memory: bool = False):
     """An ONNX Runtime CPU session: `threads` intra-op threads (None: ORT's default), one
-    inter-op thread and sequential execution, since a decoder's graph is a chain."""
+    inter-op thread and sequential execution, since a decoder's graph is a chain. `low_memory`: no
+    graph optimisations, priority-based node order and no memory arena (see `load`)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if low_memory:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        so.enable_cpu_mem_arena = False
     if threads is not None:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -576,9 +581,18 @@ def generate(sess, config: dict, ids: np.ndarray, gen_len: int) -> np.ndarray:
 
 
 def load(out_dir: Path):
-    """ONNX Runtime (CPU EP) runs the shipped graph with an empty past; returns a logits function."""
+    """ONNX Runtime (CPU EP) runs the shipped graph with an empty past; returns a logits function.
+
+    A graph with external data (a large model) runs in `low_memory` mode. The CPU EP has no float16
+    MatMul, so ORT puts a Cast to float32 before each float16 weight's use: optimised, constant folding
+    makes a float32 copy of every weight at load (twice the artifact: 21 GB for a 24-layer 7B model);
+    unoptimised in ORT's default order, the casts, which depend on no input, run first and are all
+    alive at once (12.5 GiB measured). Without optimisations, in priority order and without the arena,
+    each weight is cast when its node runs and freed after it (a 4-layer 4096-wide model: 0.93 GiB of
+    anonymous memory against 2.8 GiB), and the session holds the memory-mapped artifact
+    (docs/scale.md). The logits differ from the optimised graph's by summation order only."""
     config = read_config(out_dir)
-    sess = session(artifact_model(out_dir))
+    sess = session(artifact_model(out_dir), low_memory=bool(config.get("external_data")))
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         out, _ = step(sess, ids.numpy(), empty_past(config, ids.shape[0]))
