@@ -286,6 +286,20 @@ def test_one_weight_changes_the_fingerprint(model, tmp_path):
     assert fingerprint(model[0]) == fingerprint(resharded)  # tool-written config keys do not count
 
 
+def test_manifest_input_hash_cache_follows_the_file(tmp_path):
+    """Large inputs' sha256 is cached by identity: a rewritten file (same size) is hashed again."""
+    import hashlib
+
+    from amoeba_export.base_model import input_sha256
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 4096)
+    assert input_sha256(f, cache_from=1024) == hashlib.sha256(b"a" * 4096).hexdigest()
+    assert input_sha256(f, cache_from=1024) == hashlib.sha256(b"a" * 4096).hexdigest()  # from the cache
+    f.write_bytes(b"b" * 4096)
+    assert input_sha256(f, cache_from=1024) == hashlib.sha256(b"b" * 4096).hexdigest()
+
+
 def test_strategy_for_other_weights(model, capsys, tmp_path):
     tuned = fine_tune(model[0], tmp_path / "tuned")
     code, _, err = run(capsys, "--target", "host", "--flow", "pytorch", "--model", str(tuned), "--strategy",
