@@ -394,9 +394,12 @@ def hook_argv(name: str, model_dir: Path, strategy: Path, work: Path) -> tuple[l
     """(argv, shapes it evaluates) for the calibrate / score smoke runs on the tiny text."""
     text = str(tiny_text(work))
     if name == "calibrate":
+        # One removable layer: the DP's 31 rows of one candidate each (a full DP to depth 16 would
+        # score 376 candidates, hours on 2 cores), then FLAP statistics over every layer.
+        L = CONFIG["num_hidden_layers"]
         return (["calibrate", "--model", str(model_dir), "--out", str(work / "calibrated"), "--force",
                  "--calib", text, "--depth-samples", "1", "--width-samples", "2", "--seq-len", "64",
-                 "--widths", "1,0.75", "--min-depth", str(min(DEPTHS))], CONFIG["num_hidden_layers"] - min(DEPTHS) + 1)
+                 "--widths", "1,0.75", "--min-depth", str(L - 1)], L - 1)
     from amoeba_export.strategy import Strategy
 
     space = Strategy.load(strategy).space
