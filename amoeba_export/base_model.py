@@ -169,18 +169,14 @@ def _identity(path: Path) -> list[int]:
 
 def weights_digests(path: Path, progress: bool = True) -> dict[str, str]:
     """{tensor name: sha256 of "dtype shape" and its bytes} for one safetensors file, cached."""
+    path = Path(path).resolve()
+    return dict(_cached("fingerprints", path, "tensors", lambda: _digests(path, progress)))
+
+
+def _digests(path: Path, progress: bool) -> dict[str, str]:
     from concurrent.futures import ThreadPoolExecutor
 
-    path = Path(path).resolve()
     header = safetensors_header(path)
-    store = cache_dir() / "fingerprints" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
-    ident = _identity(path)
-    try:
-        cached = json.loads(store.read_text())
-        if cached.get("path") == str(path) and cached.get("identity") == ident:
-            return dict(cached["tensors"])
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
-        pass
     with open(path, "rb") as fh:
         data_start = 8 + int.from_bytes(fh.read(8), "little")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -213,33 +209,35 @@ def weights_digests(path: Path, progress: bool = True) -> dict[str, str]:
         out = dict(pool.map(digest, sorted(tensors.items(), key=lambda kv: kv[1]["data_offsets"][0])))
     if bar is not None:
         bar.close()
-    if _identity(path) == ident:  # not rewritten while we read it
-        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run time
-            _prune(store.parent)
-            write_text_atomic(store, json.dumps({"path": str(path), "identity": ident, "tensors": out}, sort_keys=True))
     return out
 
 
 def input_sha256(path: Path, cache_from: int = 256 << 20) -> str:
     """sha256 of a whole input file for the manifest. Files of `cache_from` bytes or more are cached
-    like the weight digests (by path and identity): a 7B model's 13.8 GB took 20-60 s per compile."""
+    like the weight digests: a 7B model's 13.8 GB took 20-60 s per compile."""
     path = Path(path).resolve()
-    ident = _identity(path)
-    if ident[2] < cache_from:
+    if path.stat().st_size < cache_from:
         return sha256_file(path)
-    store = cache_dir() / "sha256" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    return str(_cached("sha256", path, "sha256", lambda: sha256_file(path)))
+
+
+def _cached(kind: str, path: Path, field: str, compute):
+    """`compute()` for the file `path`, cached in the cache folder `kind` by the file's path and
+    identity (device, inode, size, mtime, ctime): a rewritten file is computed again."""
+    store = cache_dir() / kind / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    ident = _identity(path)
     try:
         cached = json.loads(store.read_text())
         if cached.get("path") == str(path) and cached.get("identity") == ident:
-            return str(cached["sha256"])
+            return cached[field]
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         pass
-    digest = sha256_file(path)
+    value = compute()
     if _identity(path) == ident:  # not rewritten while we read it
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next run time
             _prune(store.parent)
-            write_text_atomic(store, json.dumps({"path": str(path), "identity": ident, "sha256": digest}))
-    return digest
+            write_text_atomic(store, json.dumps({"path": str(path), "identity": ident, field: value}, sort_keys=True))
+    return value
 
 
 def _prune(folder: Path) -> None:
