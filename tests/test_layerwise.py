@@ -177,3 +177,20 @@ def test_verify_frees_a_streamed_reference_before_the_artifact_loads(tiny_gqa):
     parity = verify(em, shape, load)
     assert seen["real"] == [] and parity["max_abs_logit_diff"] == 0.0
     assert parity["reference_forward"] == "layer by layer"
+
+
+def test_pytorch_artifact_is_verified_layer_by_layer_when_large(tiny_gqa, tmp_path, monkeypatch):
+    """The pytorch flow's verify reads the exported directory as a layer stack: streamed when it
+    does not fit, with the same logits as when it stays loaded."""
+    from test_export_parity import export
+
+    em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
+    shape, ids = em.strategy.space.smallest, tiny.ids(24)
+    _, resident = export(em, shape, tmp_path / "a")
+    want = resident(ids)
+    monkeypatch.setattr(lw, "available_bytes", lambda c: 1000)
+    from amoeba_export.exporters import pytorch
+
+    streamed = pytorch.load(tmp_path / "a")
+    assert (streamed(ids) - want).abs().max().item() == 0.0
+    assert (want - em.logits(ids, shape)).abs().max().item() < 1e-4

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..compute import Compute
 from ..errors import UserError
 from ..io import write_json, write_safetensors_stream
 from ..legalize import FlowCaps
@@ -158,12 +159,18 @@ def load_model(out_dir: Path, dtype: torch.dtype | str = torch.float32):
 
 
 def load(out_dir: Path):
-    """The exported directory through transformers, as a logits function (fp32)."""
-    model = load_model(out_dir)
+    """The exported directory through transformers' own classes, as a logits function (fp32). It runs
+    as a layer stack over the directory's memory-mapped safetensors, so an artifact that does not fit
+    in memory is read a layer at a time (docs/reference-forward.md); one that fits stays loaded."""
+    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+    from ..elastic import WeightSource
+    from ..layerwise import LayerStack
 
-    @torch.inference_mode()
+    stack = LayerStack(Path(out_dir), WeightSource(Path(out_dir)), Compute())
+
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, use_cache=False).logits
+        state = stack.run([stack.embed(ids)], range(stack.n_layers))[0]
+        return stack.logits(state.hidden)
 
     return logits
 
