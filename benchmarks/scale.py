@@ -93,7 +93,6 @@ FLOWS = {
 }
 HOOKS = ("calibrate", "score")
 # verify's artifact side that --artifact-check does not run at 7B, and why
-CHECK_SKIP = {"pytorch": "transformers loads the directory in float32 (pytorch.load): twice the artifact, 21 GB"}
 
 
 # ------------------------------------------------------------------ model and strategy
@@ -500,9 +499,7 @@ def main() -> int:
             r["files"] = manifest.get("files")
         r.update(shape=a.shape, flow=flow, dtype=dtype, verify=not a.no_verify)
         print("  " + report_row(r), flush=True)
-        if a.artifact_check and r["code"] == 0 and flow in CHECK_SKIP:
-            print(f"  artifact check skipped: {CHECK_SKIP[flow]}", flush=True)
-        elif a.artifact_check and r["code"] == 0:
+        if a.artifact_check and r["code"] == 0:
             c = run_measured(f"{label}-check", ["artifact-check", flow, str(out), str(model_dir)], work)
             r["artifact_check"] = c
             phase = {p["phase"]: p for p in c["phases"]}
