@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # llama-cpp-python ships only as source: its wheel is built once, portable (GGML_NATIVE=OFF: the native
-# build crashes on quantised models on some CPUs, docs/formats.md §6.2), and cached outside the checkout.
+# build crashes on quantised models on some CPUs, docs/flow-formats.md §6.2), and cached outside the checkout.
 LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/amoeba-export/wheels
 LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable

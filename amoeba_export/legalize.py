@@ -22,7 +22,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class FlowCaps:
-    """What a flow's runtime accepts (docs/formats.md §1)."""
+    """What a flow's runtime accepts (docs/flow-formats.md §1)."""
 
     per_layer: bool  # per-layer head / KV-head / channel counts, natively
     o_down_bias: bool  # o_proj and down_proj biases
@@ -89,7 +89,7 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
 
     - `native`: the shape as calibrated (per-layer sizes need `caps.per_layer`), n_ff rounded up per
       layer to the quantiser's block with zero channels;
-    - `pad`: exact zero-padding to one size for every layer (docs/formats.md §2): the most query heads
+    - `pad`: exact zero-padding to one size for every layer (docs/flow-formats.md §2): the most query heads
       per KV group, KV heads and channels of any layer (channels rounded to the block);
     - `uniform`: re-selection to one size per layer by FLAP importance (`uniform_shape`); not exact,
       the perplexity change is measured;

@@ -28,7 +28,7 @@ BITS_PER_WEIGHT = {
     "Q5_K_S": (5.5, "GGUF Q5_K block: 176 bytes / 256 weights (the _S mix is mostly Q5_K); estimated"),
     "Q5_K_M": (5.7, "llama.cpp Q5_K_M mix (Q5_K plus some Q6_K tensors); estimated"),
     "Q6_K": (6.5625, "GGUF Q6_K block: 210 bytes / 256 weights"),
-    "q4f16_1": (4.5, "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/formats.md §7.2; docs/devices.md §3)"),
+    "q4f16_1": (4.5, "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/flow-formats.md §7.2; docs/devices.md §3)"),
     "q4f32_1": (5.0, "MLC q4f32_1: int4 + one fp32 scale per 32 weights"),
     "q0f16": (16.0, "MLC q0f16"),
     "q0bf16": (16.0, "MLC q0bf16"),
