@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from export_streaming import CONFIG as BASE_CONFIG  # noqa: E402
 from export_streaming import fmt_bytes, make_model, model_ready, n_params, source_specs  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
@@ -48,32 +49,17 @@ SEED = 7
 SHARD_BYTES = 4 * GiB
 
 # LLaMA-2-7B's shapes, with the default model's vocabulary (its tokenizer ships with the model).
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 49152,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "head_dim": 128,
-    "hidden_act": "silu",
-    "max_position_embeddings": 4096,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "rope_scaling": None,
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "initializer_range": 0.02,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 2,
-    "torch_dtype": "float16",
-    "dtype": "float16",
-    "_name_or_path": "synthetic-llama-2-7b-shapes",
-}
+CONFIG = {**BASE_CONFIG,
+          "vocab_size": 49152,
+          "hidden_size": 4096,
+          "intermediate_size": 11008,
+          "num_hidden_layers": 32,
+          "num_key_value_heads": 32,
+          "head_dim": 128,
+          "max_position_embeddings": 4096,
+          "pad_token_id": 2,
+          "_name_or_path": "synthetic-llama-2-7b-shapes",
+          }
 DEPTHS = (24, 16)
 
 # label -> (flow, --dtype, build, --target): the engine build runs only where it is the format itself

@@ -63,7 +63,7 @@ def collect_stats(stack, windows: torch.Tensor, batch_size: int = 4, layers: int
                 finally:
                     for h in hooks:
                         h.remove()
-    for part in group.gather(sums) if group.world > 1 else []:
+    for part in group.gather(sums):  # every process's batches (one process: its own)
         sums.update(part)
     out = {}
     for kind in ("o", "down"):
