@@ -15,25 +15,7 @@ import numpy as np
 
 from .errors import UserError
 from .flap import select_uniform
-from .materialize import DenseModel
-
-FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class FlowCaps:
-    """What a flow's runtime accepts (docs/flow-formats.md §1)."""
-
-    per_layer: bool  # per-layer head / KV-head / channel counts, natively
-    o_down_bias: bool  # o_proj and down_proj biases
-    head_dims: tuple[int, ...] | None = None  # the kernel set; None: any head_dim
-    quants: tuple[str, ...] = FLOAT_DTYPES  # what `--dtype` may say for this flow
-    align: dict = field(default_factory=dict)  # quant -> in-feature alignment it needs (n_ff), default 1
-    heads_divide_hidden: bool = False  # the uniform (stock) model class needs hidden % n_heads == 0
-
-    def alignment(self, quant: str | None) -> int:
-        return int(self.align.get(quant, 1)) if quant else 1
-
+from .shared_types import DenseModel, FlowCaps
 
 LAYOUTS = ("auto", "native", "pad", "uniform")
 
@@ -129,13 +111,13 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
     align = caps.alignment(quant)
     if layout != "pad":  # native, or re-selected uniform: channels rounded to the block
         n_ff = [_round_up(s.n_ff, align) for s in dense.layers]
-        sizes = [(len(p.kv_heads), len(p.q_heads) // len(p.kv_heads), f) for p, f in zip(dense._plans, n_ff)]
+        sizes = [(len(p.kv_heads), len(p.q_heads) // len(p.kv_heads), f) for p, f in zip(dense.source.plans, n_ff)]
     else:
-        n_kv = max(len(p.kv_heads) for p in dense._plans)
-        group = max(len(p.q_heads) // len(p.kv_heads) for p in dense._plans)
+        n_kv = max(len(p.kv_heads) for p in dense.source.plans)
+        group = max(len(p.q_heads) // len(p.kv_heads) for p in dense.source.plans)
         if caps.heads_divide_hidden:
             n_kv, group = _divisible_heads(n_kv, group, dense.hidden_size)
-        n_ff = _round_up(max(len(p.channels) for p in dense._plans), align)
+        n_ff = _round_up(max(len(p.channels) for p in dense.source.plans), align)
         sizes = [(n_kv, group, n_ff)] * len(dense.layers)
     dense, padded = _pad(dense, sizes)
     if padded["zero_query_heads"] or padded["zero_kv_heads"]:
@@ -159,7 +141,7 @@ def _carries_bias(dense: DenseModel) -> bool:
 
 
 def _can_reselect(dense: DenseModel) -> bool:
-    return {"o_var", "o_mean", "down_var", "down_mean"} <= set(dense._elastic.strategy.stats)
+    return {"o_var", "o_mean", "down_var", "down_mean"} <= set(dense.source.elastic.strategy.stats)
 
 
 def _best_inexact(dense: DenseModel, caps: FlowCaps, *, flow: str, quant, strict: bool, perplexity, exact: str):
@@ -197,7 +179,7 @@ def _pad(dense: DenseModel, sizes: list[tuple[int, int, int]]) -> tuple[DenseMod
     """Pad each layer to (KV heads, query heads per KV group, channels) with zero units."""
     plans, specs = [], []
     padded = {"zero_query_heads": 0, "zero_kv_heads": 0, "zero_channels": 0}
-    for p, s, (n_kv, group, n_ff) in zip(dense._plans, dense.layers, sizes):
+    for p, s, (n_kv, group, n_ff) in zip(dense.source.plans, dense.layers, sizes):
         kv, g = len(p.kv_heads), len(p.q_heads) // len(p.kv_heads)
         if kv > n_kv or g > group or len(p.channels) > n_ff:
             raise ValueError("padding can only grow a layer")
@@ -211,7 +193,7 @@ def _pad(dense: DenseModel, sizes: list[tuple[int, int, int]]) -> tuple[DenseMod
         padded["zero_query_heads"] += n_kv * group - len(p.q_heads)
         padded["zero_kv_heads"] += n_kv - kv
         padded["zero_channels"] += n_ff - len(p.channels)
-    return replace(dense, layers=specs, _plans=plans), padded
+    return replace(dense, layers=specs, source=replace(dense.source, plans=plans)), padded
 
 
 def uniform_shape(dense: DenseModel, align: int = 1) -> DenseModel:
@@ -224,21 +206,21 @@ def uniform_shape(dense: DenseModel, align: int = 1) -> DenseModel:
     """
     from .materialize import materialize
 
-    em = dense._elastic
+    em = dense.source.elastic
     stats = em.strategy.stats
     if not _can_reselect(dense):
         raise UserError("--layout uniform re-selects heads and channels by FLAP importance, and this strategy has no "
                         "calibration statistics: recalibrate with `amoeba-export calibrate`, or use --layout pad")
     info = em.info
     G = info["n_heads"] // info["n_kv_heads"]
-    real_q = [sum(h is not None for h in p.q_heads) for p in dense._plans]
-    real_c = [sum(c is not None for c in p.channels) for p in dense._plans]
+    real_q = [sum(h is not None for h in p.q_heads) for p in dense.source.plans]
+    real_c = [sum(c is not None for c in p.channels) for p in dense.source.plans]
     per_group = np.mean(real_q) / (info["n_kv_heads"] if G > 1 else 1)
     heads = int(min(G if G > 1 else info["n_heads"], max(1, round(per_group))))
     channels = int(min(info["n_ff"], max(align, round(np.mean(real_c) / align) * align)))
-    shape = dense._shape
+    shape = dense.source.shape
     derived = _derived(em, shape.width, {p.source: select_uniform(stats, em.weights, info, p.source, heads, channels)
-                                         for p in dense._plans})
+                                         for p in dense.source.plans})
     out = materialize(derived, shape, dense.dtype)
     out.record = {**out.record, "reselected": {"query_heads_per_kv_group" if G > 1 else "query_heads": heads,
                                                "channels": channels}}
@@ -247,8 +229,8 @@ def uniform_shape(dense: DenseModel, align: int = 1) -> DenseModel:
 
 def _drop_biases(dense: DenseModel, flow: str, strict: bool, perplexity) -> tuple[DenseModel, dict]:
     """Drop the o_proj/down_proj (FLAP compensation) biases, measuring what that costs."""
-    w = dense._elastic.weights
-    for p in dense._plans:
+    w = dense.source.elastic.weights
+    for p in dense.source.plans:
         for name in ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
                      "mlp.gate_proj.bias", "mlp.up_proj.bias"):
             if f"model.layers.{p.source}.{name}" in w:
@@ -258,11 +240,13 @@ def _drop_biases(dense: DenseModel, flow: str, strict: bool, perplexity) -> tupl
         raise UserError(f"flow {flow!r} cannot express the o_proj/down_proj compensation biases, and --strict "
                         "refuses to drop them: use a flow with biases, or drop --strict to drop them with the "
                         "perplexity change measured and reported")
-    plans = [replace(p, o_bias=np.zeros_like(p.o_bias), down_bias=np.zeros_like(p.down_bias)) for p in dense._plans]
+    plans = [replace(p, o_bias=np.zeros_like(p.o_bias), down_bias=np.zeros_like(p.down_bias)) for p in dense.source.plans]
     specs = [replace(s, attn_bias=False, mlp_bias=False) for s in dense.layers]
-    dropped = replace(dense, layers=specs, _plans=plans, _elastic=_derived(dense._elastic, dense._shape.width, {
-        p.source: replace(dense._elastic.strategy.widths[dense._shape.width][p.source], o_bias=np.zeros_like(p.o_bias),
-                          down_bias=np.zeros_like(p.down_bias)) for p in dense._plans}))
+    src = dense.source
+    elastic = _derived(src.elastic, src.shape.width, {
+        p.source: replace(src.elastic.strategy.widths[src.shape.width][p.source], o_bias=np.zeros_like(p.o_bias),
+                          down_bias=np.zeros_like(p.down_bias)) for p in src.plans})
+    dropped = replace(dense, layers=specs, source=replace(src, plans=plans, elastic=elastic))
     return dropped, _measured(perplexity, dense, dropped)
 
 

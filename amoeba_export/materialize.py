@@ -15,7 +15,7 @@ Both are counted in `DenseModel.record["padding"]`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -24,18 +24,9 @@ import torch
 from .adapter import weight_name
 from .elastic import ElasticModel
 from .shapes import Shape
+from .shared_types import DenseModel, LayerSpec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    n_ff: int
-    attn_bias: bool
-    mlp_bias: bool
 
 
 @dataclass
@@ -48,66 +39,21 @@ class _LayerPlan:
     down_bias: np.ndarray
 
 
-@dataclass
-class DenseModel:
-    """A dense pruned model: config fields, one LayerSpec per kept layer, and a tensor stream."""
+@dataclass(frozen=True)
+class Slicing:
+    """A DenseModel's `TensorSource`: which units of which source layer each dense layer keeps, over
+    the elastic model (its weights, and its adapter merged per shape). It is also the masked
+    reference of what the dense model computes (`elastic` at `shape`), which verify compares with."""
 
-    config: dict  # the base model's HF config (sizes of the *base*; layers say the rest)
-    layers: list[LayerSpec]
-    dtype: torch.dtype
-    tied: bool
-    record: dict = field(default_factory=dict)
-    _elastic: ElasticModel | None = None
-    _plans: list[_LayerPlan] = field(default_factory=list)
-    _shape: Shape | None = None
+    elastic: ElasticModel
+    plans: list[_LayerPlan]
+    shape: Shape
 
-    @property
-    def uniform(self) -> bool:
-        return len(set(self.layers)) <= 1
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config["hidden_size"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.config["vocab_size"]
-
-    def tensor_specs(self) -> list[tuple[str, tuple[int, ...]]]:
-        """Names and shapes of every tensor `tensors()` yields, in order, without reading weights."""
-        H, V = self.hidden_size, self.vocab_size
-        specs = [("model.embed_tokens.weight", (V, H))]
-        for j, s in enumerate(self.layers):
-            p, q, kv = f"model.layers.{j}.", s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim
-            specs += [(p + "input_layernorm.weight", (H,))]
-            for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-                specs.append((p + f"self_attn.{proj}.weight", (rows, H)))
-                if s.attn_bias:
-                    specs.append((p + f"self_attn.{proj}.bias", (rows,)))
-            specs.append((p + "self_attn.o_proj.weight", (H, q)))
-            if s.attn_bias:
-                specs.append((p + "self_attn.o_proj.bias", (H,)))
-            specs.append((p + "post_attention_layernorm.weight", (H,)))
-            for proj in ("gate_proj", "up_proj"):
-                specs.append((p + f"mlp.{proj}.weight", (s.n_ff, H)))
-                if s.mlp_bias:
-                    specs.append((p + f"mlp.{proj}.bias", (s.n_ff,)))
-            specs.append((p + "mlp.down_proj.weight", (H, s.n_ff)))
-            if s.mlp_bias:
-                specs.append((p + "mlp.down_proj.bias", (H,)))
-        specs.append(("model.norm.weight", (H,)))
-        if not self.tied:
-            specs.append(("lm_head.weight", (V, H)))
-        return specs
-
-    def parameters(self) -> int:
-        return sum(int(np.prod(s)) for _, s in self.tensor_specs())
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) in `tensor_specs()` order, one weight in memory at a time."""
-        em, w, dt = self._elastic, self._elastic.weights, self.dtype
+    def tensors(self, dense: DenseModel) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) in `dense.tensor_specs()` order, one weight in memory at a time."""
+        em, w, dt = self.elastic, self.elastic.weights, dense.dtype
         yield "model.embed_tokens.weight", w.get("model.embed_tokens.weight").to(dt)
-        for j, (plan, spec) in enumerate(zip(self._plans, self.layers)):
+        for j, (plan, spec) in enumerate(zip(self.plans, dense.layers)):
             src, dst = f"model.layers.{plan.source}.", f"model.layers.{j}."
             D = spec.head_dim
             yield dst + "input_layernorm.weight", w.get(src + "input_layernorm.weight").to(dt)
@@ -121,7 +67,7 @@ class DenseModel:
             o = self._merged(plan.source, "o_proj")
             yield dst + "self_attn.o_proj.weight", _gather(o, plan.q_heads, D, dim=1).to(dt)
             if spec.attn_bias:
-                yield dst + "self_attn.o_proj.bias", (_base_bias(w, src + "self_attn.o_proj.bias", self.hidden_size) + torch.from_numpy(plan.o_bias)).to(dt)
+                yield dst + "self_attn.o_proj.bias", (_base_bias(w, src + "self_attn.o_proj.bias", dense.hidden_size) + torch.from_numpy(plan.o_bias)).to(dt)
             yield dst + "post_attention_layernorm.weight", w.get(src + "post_attention_layernorm.weight").to(dt)
             for proj in ("gate_proj", "up_proj"):
                 yield dst + f"mlp.{proj}.weight", _gather(self._merged(plan.source, proj), plan.channels, 1).to(dt)
@@ -131,15 +77,15 @@ class DenseModel:
             down = self._merged(plan.source, "down_proj")
             yield dst + "mlp.down_proj.weight", _gather(down, plan.channels, 1, dim=1).to(dt)
             if spec.mlp_bias:
-                yield dst + "mlp.down_proj.bias", (_base_bias(w, src + "mlp.down_proj.bias", self.hidden_size) + torch.from_numpy(plan.down_bias)).to(dt)
+                yield dst + "mlp.down_proj.bias", (_base_bias(w, src + "mlp.down_proj.bias", dense.hidden_size) + torch.from_numpy(plan.down_bias)).to(dt)
         yield "model.norm.weight", w.get("model.norm.weight").to(dt)
-        if not self.tied:
+        if not dense.tied:
             yield "lm_head.weight", w.get("lm_head.weight").to(dt)
 
     def _merged(self, layer: int, proj: str) -> torch.Tensor:
-        weight = self._elastic.weights.get(weight_name(layer, proj))
-        adapter = self._elastic.adapter
-        delta = adapter.delta(self._shape, layer, proj) if adapter is not None else None
+        weight = self.elastic.weights.get(weight_name(layer, proj))
+        adapter = self.elastic.adapter
+        delta = adapter.delta(self.shape, layer, proj) if adapter is not None else None
         if delta is None:
             return weight
         return weight.float() + delta.weight()
@@ -208,4 +154,4 @@ def materialize(elastic: ElasticModel, shape: Shape, dtype: str | torch.dtype | 
         "padding": padding,
         "adapter": elastic.adapter.record(shape) if elastic.adapter is not None else None,
     }
-    return DenseModel(cfg, specs, dtype, elastic.tied, record, elastic, plans, shape)
+    return DenseModel(cfg, specs, dtype, elastic.tied, record, Slicing(elastic, plans, shape))

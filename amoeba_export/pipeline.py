@@ -148,7 +148,7 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
             return seen[id(dense)][1]
         if not ids:
             ids.append(eval_set(elastic.tokenizer(), EvalConfig(ppl_windows=windows, seq_len=seq_len, mc_tasks=()))[0])
-        value = perplexity(dense._elastic.logits_fn(dense._shape), ids[0])
+        value = perplexity(dense.source.elastic.logits_fn(dense.source.shape), ids[0])
         seen[id(dense)] = (dense, value)  # the model is kept so its id is not reused
         return value
 
@@ -225,7 +225,7 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             # The reference is what legalize made (the elastic model the dense model came from, with any
             # re-selection or dropped biases), so this checks the export exactly; legalize's own cost
             # was measured and judged above.
-            parity = verify(dense._elastic, shape, lambda: exporter.load(tmp))
+            parity = verify(dense.source.elastic, shape, lambda: exporter.load(tmp))
             parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None, elastic.compute))
             fmt = quant or str(dense.dtype).removeprefix("torch.")
             failure = parity_failure(parity, fmt)

@@ -128,7 +128,7 @@ def test_materialize_pads_uneven_gqa_groups_exactly(tiny_qwen):
     em = ElasticModel(tiny_qwen, tiny.random_strategy(tiny_qwen, seed=3))
     shape = em.strategy.space.smallest
     dense = materialize(em, shape)
-    for spec, plan in zip(dense.layers, dense._plans):
+    for spec, plan in zip(dense.layers, dense.source.plans):
         assert spec.n_heads % spec.n_kv_heads == 0  # every runtime's GQA mapping holds
         assert spec.n_heads >= 1 and spec.n_ff >= 1
     assert dense.record["padding"]["zero_query_heads"] > 0

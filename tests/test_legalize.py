@@ -9,7 +9,8 @@ import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.exporters import pytorch
-from amoeba_export.legalize import FlowCaps, legalize
+from amoeba_export.legalize import legalize
+from amoeba_export.shared_types import FlowCaps
 from amoeba_export.materialize import materialize
 from amoeba_export.metrics import perplexity
 from amoeba_export.shapes import Shape
@@ -123,14 +124,14 @@ def test_uniform_reselects_and_matches_its_own_reference(tiny_qwen):
     assert dense.uniform and report.layout == "uniform"
     r = report.reselected
     assert r["perplexity_before"] == pytest.approx(_ppl(before)) and r["perplexity_after"] == pytest.approx(_ppl(dense))
-    real = [sum(c is not None for c in p.channels) for p in dense._plans]
+    real = [sum(c is not None for c in p.channels) for p in dense.source.plans]
     assert len(set(real)) == 1 and real[0] == r["channels"]
     # the artifact is checked against the re-selected model's own masked forward
     with torch.inference_mode():
         got = pytorch.in_memory(dense)(IDS).logits
-    assert (got - dense._elastic.logits(IDS, shape)).abs().max().item() < TOL
+    assert (got - dense.source.elastic.logits(IDS, shape)).abs().max().item() < TOL
     assert (got - em.logits(IDS, shape)).abs().max().item() > 1e-3
-    assert em.strategy.widths[shape.width] is not dense._elastic.strategy.widths[shape.width]  # original untouched
+    assert em.strategy.widths[shape.width] is not dense.source.elastic.strategy.widths[shape.width]  # original untouched
     em.strategy.stats = {}
     with pytest.raises(UserError, match="no calibration statistics"):
         legalize(before, UNIFORM_ONLY, flow="test", layout="uniform")

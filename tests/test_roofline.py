@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from amoeba_export.materialize import LayerSpec
+from amoeba_export.shared_types import LayerSpec
 from profilers.roofline import estimate
 from profilers.workload import Workload
 from targets import load_target

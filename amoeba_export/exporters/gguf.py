@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io import read_json
-from ..legalize import FLOAT_DTYPES, FlowCaps
-from ..materialize import DenseModel
+from ..shared_types import FLOAT_DTYPES, FlowCaps
+from ..shared_types import DenseModel
 from ..numpy_llama import rope_frequencies
 from .pytorch import llama3_rope, rope
 

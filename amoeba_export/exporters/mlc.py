@@ -31,8 +31,8 @@ from targets import flow_table
 
 from ..errors import UserError
 from ..io import dumps_json, read_json, write_json
-from ..legalize import FlowCaps
-from ..materialize import DenseModel
+from ..shared_types import FlowCaps
+from ..shared_types import DenseModel
 from .device import SCRIPT, run_script, skipped, write_script
 from .pytorch import copy_tokenizer, llama3_rope
 

@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io import read_json, scratch_dir, write_json
-from ..legalize import FlowCaps
+from ..shared_types import FlowCaps
 from ..manifest import package_versions
-from ..materialize import DenseModel
+from ..shared_types import DenseModel
 from . import pytorch
 
 NAME = "onnx"

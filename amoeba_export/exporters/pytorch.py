@@ -17,8 +17,8 @@ from tqdm import tqdm
 from ..compute import Compute
 from ..errors import UserError
 from ..io import write_json, write_safetensors_stream
-from ..legalize import FlowCaps
-from ..materialize import DenseModel
+from ..shared_types import FlowCaps
+from ..shared_types import DenseModel
 
 REMOTE_CODE = "modeling_amoeba_llama.py"
 MODELING_FILE = Path(__file__).parent.parent / "modeling" / "amoeba_llama.py"  # copied, not imported

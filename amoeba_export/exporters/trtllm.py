@@ -30,8 +30,8 @@ from targets import flow_table
 
 from ..errors import UserError
 from ..io import read_json, safetensors_header, write_json, write_safetensors_stream
-from ..legalize import FlowCaps
-from ..materialize import DenseModel
+from ..shared_types import FlowCaps
+from ..shared_types import DenseModel
 from ..numpy_llama import Config, logits_fn
 from . import pytorch
 from .device import SCRIPT, run_script, skipped, write_script
