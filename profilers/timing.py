@@ -483,3 +483,33 @@ def time_requests(run: Callable[[int], object], workload, metrics: tuple[str, ..
         out["tpot"] = Timing.from_samples(steps, stop_reason=e2e.stop_reason, warmup=e2e.warmup,
                                           timer=f"derived: (e2e sample - ttft median) / {workload.gen_len - 1}")
     return {m: out[m] for m in metrics}
+
+
+def time_steps(steps, ids, workload, metrics: tuple[str, ...], **measure_kwargs) -> dict[str, Timing]:
+    """The one timing loop of every CPU runtime, over its steps (`amoeba_export.flows.base.Steps`):
+
+    - TTFT: `prefill(ids)` from an empty cache (emptied in the untimed setup), the first token out;
+    - TPOT: one `decode` step over exactly `prompt_len` cached positions: the prompt is prefilled
+      once, untimed, and before every sample the cache is rewound to `prompt_len`, so every sample
+      attends over the same positions and appends one;
+    - E2E: prefill, then `gen_len - 1` decode steps, so `gen_len` tokens come out.
+    """
+    P = workload.prompt_len
+
+    def request():
+        token = steps.prefill(ids)
+        for _ in range(workload.gen_len - 1):
+            token = steps.decode(token)
+        return token
+
+    out: dict[str, Timing] = {}
+    for metric in metrics:
+        if metric == "ttft":
+            out[metric] = measure(lambda: steps.prefill(ids), setup=lambda: steps.rewind(0), **measure_kwargs)
+        elif metric == "tpot":
+            steps.rewind(0)
+            token = steps.prefill(ids)
+            out[metric] = measure(lambda: steps.decode(token), setup=lambda: steps.rewind(P), **measure_kwargs)
+        else:
+            out[metric] = measure(request, setup=lambda: steps.rewind(0), **measure_kwargs)
+    return out
