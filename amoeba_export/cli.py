@@ -159,7 +159,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
 
     from .adapter import resolve_adapter_dir
     from .elastic import load_elastic
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .io import check_destination, output_lock
     from .manifest import is_artifact
     from .search import parse_bytes, parse_time
@@ -169,7 +169,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     budget_s = parse_time(o.budget) if o.budget is not None else None
     memory_budget = parse_bytes(o.memory) if o.memory is not None else None
     tgt = load_target(target)
-    get_exporter(flow)
+    flow = get_flow(flow)  # the one place the name is resolved
     elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights,
                                  resolve_compute(o.device, o.compute_dtype))
     adapter_dir = resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None  # what the manifest hashes
@@ -193,7 +193,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
             return
         meas = summary["measured_latency_s"]
         click.echo(table([{
-            "target": target, "flow": flow, "shape": summary["shape"], "params": f"{summary['parameters'] / 1e6:.1f}M",
+            "target": target, "flow": flow.name, "shape": summary["shape"], "params": f"{summary['parameters'] / 1e6:.1f}M",
             f"{metric} predicted": format_time(summary["predicted_latency_s"]),
             f"{metric} measured": format_time(meas) if meas else "-", "budget": format_time(budget_s),
             "table": summary["table_source"],
@@ -219,7 +219,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
                         adapter_dir=adapter_dir, layout=o.layout, strict=o.strict, build=not o.no_build, workload=wl, force=o.force,
                         accept_parity_loss=o.accept_parity_loss)
     m = res.manifest
-    summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
+    summary = {"out": str(res.out), "target": target, "flow": flow.name, "shape": m["shape"], "parameters": m["parameters"],
                "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
                "engine": m["engine"], "adapter": m["materialize"].get("adapter")}
     if as_json:
@@ -227,7 +227,7 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
         return
     p = m["parity"] or {}
     click.echo(table([{
-        "target": target, "flow": flow, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
+        "target": target, "flow": flow.name, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
         "dtype": m["dtype"], "layout": f"{m['legalize']['layout']} ({'uniform' if m['uniform'] else 'per-layer'})",
         "max|Δlogit|": f"{p['max_abs_logit_diff']:.2e}" if p else "skipped",
         "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
@@ -268,11 +268,11 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
     from profilers.workload import Workload
 
     from .elastic import load_elastic
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .pipeline import legal_plans
     from .search import format_time
 
-    get_exporter(flow)
+    flow = get_flow(flow)  # the one place the name is resolved
     tgt = load_target(target)
     elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
     plans = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)

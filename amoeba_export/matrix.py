@@ -31,6 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
 from profilers.workload import Workload
 
 from .errors import UserError
+from .flows import Flow
 from .io import dumps_json, write_text_atomic
 from .shapes import Shape
 
@@ -43,7 +44,7 @@ HOSTED = "hosted"
 class Row:
     name: str
     target: str
-    flow: str
+    flow: Flow  # resolved once, when the matrix is read
     runner: str = HOSTED
     budget_s: float | None = None
     shape: Shape | None = None
@@ -61,7 +62,7 @@ def load(path: Path) -> tuple[list[Row], str | None]:
     """(rows, the file's dist folder) from a matrix file; every mistake is a UserError naming the row."""
     from targets import load_target
 
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .legalize import LAYOUTS
     from .search import parse_bytes, parse_time
 
@@ -92,15 +93,15 @@ def load(path: Path) -> tuple[list[Row], str | None]:
             raise UserError(f"{where}: give exactly one of 'budget' or 'shape'")
         try:
             target = load_target(item["target"])
-            get_exporter(item["flow"])
-            if item["flow"] not in target["flows"]:
+            flow = get_flow(item["flow"])
+            if flow.name not in target["flows"]:
                 raise UserError(f"flow {item['flow']!r} is not available on target {item['target']!r} "
                                 f"(it has: {', '.join(target['flows'])})")
             wl = Workload(**{k: item[k] for k in ("batch", "prompt_len", "gen_len", "metric") if k in item})
             if item.get("layout", "auto") not in LAYOUTS:
                 raise UserError(f"unknown layout {item['layout']!r}: choose one of {', '.join(LAYOUTS)}")
             row = Row(
-                name=str(item.get("name") or _name(item)), target=item["target"], flow=item["flow"],
+                name=str(item.get("name") or _name(item)), target=item["target"], flow=flow,
                 runner=str(item.get("runner", HOSTED)),
                 budget_s=parse_time(str(item["budget"]), "budget") if "budget" in item else None,
                 shape=Shape.parse(str(item["shape"])) if "shape" in item else None,
@@ -129,7 +130,6 @@ def check(rows: list[Row], dist: Path, elastic, *, force: bool = False, protect=
     strategy's space, each dtype is one the flow writes, and each row's output may be (re)written."""
     from targets import load_target
 
-    from .exporters import get_exporter
     from .io import check_destination
     from .manifest import is_artifact
     from .pipeline import split_dtype
@@ -138,7 +138,7 @@ def check(rows: list[Row], dist: Path, elastic, *, force: bool = False, protect=
         try:
             if row.shape is not None:
                 elastic.strategy.resolve(row.shape)
-            split_dtype(row.dtype, load_target(row.target), row.flow, get_exporter(row.flow).CAPS)
+            split_dtype(row.dtype, load_target(row.target), row.flow)
             check_destination(Path(dist) / row.name, ours=is_artifact, force=force, protect=protect)
         except UserError as e:
             raise UserError(f"matrix row {k} ({row.name}): {e}") from None
@@ -155,7 +155,7 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
     for k, row in enumerate(rows, 1):
         notice(f"[{k}/{len(rows)}] {row.name}: {row.options()}")
         out = Path(dist) / row.name
-        base = {"name": row.name, "target": row.target, "flow": row.flow, "runner": row.runner, "out": str(out),
+        base = {"name": row.name, "target": row.target, "flow": row.flow.name, "runner": row.runner, "out": str(out),
                 "budget_s": row.budget_s, "shape": str(row.shape) if row.shape else None}
         wl = row.workload
         try:

@@ -66,6 +66,19 @@ class LastParts:
         return self._parts
 
 
+def fused_parts(last: LastParts, key, read: Callable[[], np.ndarray], cuts: list[int]) -> list[Callable[[], np.ndarray]]:
+    """Loaders of the parts of a fused weight (qkv, gate_up) split by rows at `cuts`: what a flow that
+    stores fused weights (MLC, TensorRT-LLM) reads back under the HF names the forward asks for."""
+    return [lambda i=i: last.get(key, lambda: np.split(read(), cuts))[i] for i in range(len(cuts) + 1)]
+
+
+def uniform_logits_fn(weights: Mapping[str, np.ndarray], *, hidden_size: int, n_layers: int, n_heads: int,
+                      n_kv_heads: int, head_dim: int, eps: float, rope_theta: float, rope_scaling: dict | None):
+    """`logits_fn` of a model with one size in every layer (the configs of MLC and TensorRT-LLM)."""
+    cfg = Config(hidden_size, [(n_heads, n_kv_heads)] * n_layers, head_dim, float(eps), float(rope_theta), rope_scaling)
+    return logits_fn(weights, cfg)
+
+
 HEAD_ROWS = 8192  # output-projection rows converted to the compute dtype at a time
 
 

@@ -27,14 +27,16 @@ def main() -> None:
     from amoeba_export.errors import UserError, notice
     from amoeba_export.feedback import BUDGET_SLACK
     from amoeba_export.pipeline import compile_budget, legal_plans, shape_timer
+    from amoeba_export.flows import get_flow
     from profilers.workload import Workload
     from targets import load_target
 
     elastic, sdir = load_elastic()
     target, wl = load_target("host"), Workload()
-    plans = legal_plans(elastic, args.flow, target)
+    flow = get_flow(args.flow)
+    plans = legal_plans(elastic, flow, target)
     dense = elastic.strategy.space.largest
-    timing = shape_timer(elastic, plans, args.flow, wl, target, args.threads, notice)(dense)
+    timing = shape_timer(elastic, plans, flow, wl, target, args.threads, notice)(dense)
     dense_s = timing["median"]
     print(f"dense {dense}: {dense_s * 1e3:.1f} ms TPOT here ({timing['threads']} threads, other load "
           f"{timing['other_load']} CPUs)", flush=True)
@@ -43,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="amoeba-budgets-") as tmp:
         for i, (label, budget) in enumerate(budgets):
             try:
-                s = compile_budget(elastic, target, args.flow, wl, budget, Path(tmp) / f"b{i}", threads=args.threads,
+                s = compile_budget(elastic, target, flow, wl, budget, Path(tmp) / f"b{i}", threads=args.threads,
                                    strategy_dir=sdir, build=False, notice=notice)
             except UserError as e:
                 rows.append((label, budget, None, None, None, [], str(e)))

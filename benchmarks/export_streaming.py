@@ -257,7 +257,7 @@ def child_export(result: Path, model_dir: Path, strategy_dir: Path, out_dir: Pat
         torch.set_num_threads(threads)
 
     from amoeba_export.elastic import ElasticModel
-    from amoeba_export.exporters import pytorch
+    from amoeba_export.flows.pytorch import writer as pytorch
     from amoeba_export.io import atomic_dir
     from amoeba_export.materialize import materialize
     from amoeba_export.shapes import Shape
@@ -308,7 +308,7 @@ def child_export(result: Path, model_dir: Path, strategy_dir: Path, out_dir: Pat
     dense.tensors = tensors
     t1 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        files = pytorch.emit(dense, tmp, em.dir)
+        files = pytorch.emit(dense, tmp, em.dir).files
     t_emit = time.perf_counter() - t1
     end = _status()
     res = {

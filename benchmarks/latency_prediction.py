@@ -37,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time, search
     from profilers.profile import measure_shape
@@ -48,7 +49,7 @@ def main() -> None:
     elastic, sdir = load_elastic(args.model, args.strategy)
     wl = Workload(1, args.prompt_len, args.gen_len, "tpot")
     target = load_target("host")
-    flow = args.flow
+    flow = get_flow(args.flow)
     planned = legal_plans(elastic, flow, target, dtype=args.dtype)
     plans, quant = planned.shapes, planned.quant
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
@@ -67,7 +68,7 @@ def main() -> None:
         return rec
 
     t0 = time.perf_counter()
-    table = build_measured(plans, measure, target=target, flow=flow, model=model, strategy=None, workload=wl,
+    table = build_measured(plans, measure, target=target, flow=flow.name, model=model, strategy=None, workload=wl,
                            n_validate=args.validate)
     t_table = time.perf_counter() - t0
     fit_shapes = table.component["fit_shapes"]

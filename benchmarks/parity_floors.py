@@ -30,6 +30,7 @@ def main() -> None:
     from amoeba_export.elastic import load_elastic
     from amoeba_export.pipeline import MAX_LEGALIZE_LOSS, QUANT_FLOOR, compile_shape
     from amoeba_export.shapes import Shape
+    from amoeba_export.flows import get_flow
     from targets import load_target
 
     elastic, sdir = load_elastic(args.model, args.strategy)
@@ -45,7 +46,7 @@ def main() -> None:
         for shape in shapes:
             for flow, fmt in FORMATS:
                 out = Path(tmp) / f"{flow}-{fmt}-{shape}"
-                res = compile_shape(elastic, shape, flow, targets[flow], out, dtype=fmt, strategy_dir=sdir,
+                res = compile_shape(elastic, shape, get_flow(flow), targets[flow], out, dtype=fmt, strategy_dir=sdir,
                                     build=fmt.startswith("q4_k"), accept_parity_loss=True)
                 m = res.manifest
                 leg = m["legalize"]

@@ -28,6 +28,7 @@ Results go to `<workdir>/results.json` (merged across runs) and a table on stdou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -89,7 +90,7 @@ def default_tokenizer_dir() -> Path:
 
 
 def write_model(model_dir: Path) -> None:
-    from amoeba_export.exporters.pytorch import copy_tokenizer
+    from amoeba_export.flows.pytorch.writer import copy_tokenizer
 
     tok = default_tokenizer_dir()
     extra = {"tokenizer": str(tok), "scale_version": 1}
@@ -177,15 +178,11 @@ def child_compile(result: Path, argv: list[str]) -> int:
 
     torch.set_num_threads(int(os.environ.get("SCALE_TORCH_THREADS", "1")))
     from amoeba_export import cli, pipeline
-    from amoeba_export.exporters import EXPORTERS
+    from amoeba_export.flows import FLOWS
 
     phases: list[dict] = []
 
-    def wrap(owner, attr, label):
-        fn = getattr(owner, attr, None)
-        if fn is None:
-            return
-
+    def timed(fn, label):
         def wrapped(*a, **k):
             _reset_peak()
             rec = {"phase": label, "start": time.time()}
@@ -196,13 +193,14 @@ def child_compile(result: Path, argv: list[str]) -> int:
                 rec["hwm"] = _status().get("VmHWM", 0)
                 phases.append(rec)
 
-        setattr(owner, attr, wrapped)
+        return wrapped
 
-    for mod in EXPORTERS.values():
-        wrap(mod, "emit", "emit")
-        wrap(mod, "script", "script")
-        wrap(mod, "build", "build")
-        wrap(mod, "load", "load")
+    def wrap(owner, attr, label):
+        setattr(owner, attr, timed(getattr(owner, attr), label))
+
+    for name, flow in list(FLOWS.items()):  # the registry's objects, so the CLI resolves the timed ones
+        FLOWS[name] = dataclasses.replace(flow, **{attr: timed(getattr(flow, attr), attr) for attr in
+                                                   ("emit", "script", "build", "load") if getattr(flow, attr)})
     wrap(pipeline, "verify", "verify")
     wrap(pipeline, "prepare", "materialize+legalize")
     wrap(pipeline, "hash_inputs", "hash inputs (sha256)")
@@ -235,12 +233,12 @@ def artifact_check(flow: str, out: str, tokenizer: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from amoeba_export.exporters import get_exporter
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import VERIFY_TEXT
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
-    logits = get_exporter(flow).load(Path(out))  # wrapped: the "load" phase
+    logits = get_flow(flow).load(Path(out))  # wrapped: the "load" phase
     t0 = time.time()
     _reset_peak()
     got = logits(ids).float()

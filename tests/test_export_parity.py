@@ -7,10 +7,11 @@ import torch
 import tiny
 from amoeba_export.adapter import LoRA, LoRADelta, PROJECTIONS, weight_name
 from amoeba_export.elastic import ElasticModel
-from amoeba_export.exporters import pytorch
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.io import safetensors_header
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import compile_shape
+from amoeba_export.flows import FLOWS
 
 TOL = 1e-4
 
@@ -102,8 +103,8 @@ def test_export_is_deterministic_and_complete(tiny_gqa, tmp_path):
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
     shape = sorted(em.strategy.space)[0]
     target = {"name": "host", "flows": ["pytorch"]}
-    a = compile_shape(em, shape, "pytorch", target, tmp_path / "a").manifest
-    b = compile_shape(em, shape, "pytorch", target, tmp_path / "b").manifest
+    a = compile_shape(em, shape, FLOWS["pytorch"], target, tmp_path / "a").manifest
+    b = compile_shape(em, shape, FLOWS["pytorch"], target, tmp_path / "b").manifest
     assert a["files"] == b["files"]  # byte-identical artifacts (sha256 of every file)
     assert a["parity"]["max_abs_logit_diff"] < TOL and a["parity"]["greedy_token_agreement"] == 1.0
     assert a["shape"] == str(shape) and len(a["layers"]) == shape.depth
@@ -118,9 +119,9 @@ def test_interrupted_export_leaves_nothing(tiny_gqa, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("amoeba_export.exporters.pytorch.copy_tokenizer", boom)
+    monkeypatch.setattr("amoeba_export.flows.pytorch.writer.copy_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
-        compile_shape(em, shape, "pytorch", {"name": "host", "flows": ["pytorch"]}, tmp_path / "out")
+        compile_shape(em, shape, FLOWS["pytorch"], {"name": "host", "flows": ["pytorch"]}, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -170,7 +171,7 @@ def test_aot_package_decodes_like_the_reference(tiny_gqa, tmp_path):
     """The PyTorch flow's engine build: torch.export + AOTInductor `.pt2`, loaded and run."""
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
     shape = em.strategy.space.largest  # uniform: packaged
-    m = compile_shape(em, shape, "pytorch", {"name": "host", "flows": ["pytorch"]}, tmp_path / "u").manifest
+    m = compile_shape(em, shape, FLOWS["pytorch"], {"name": "host", "flows": ["pytorch"]}, tmp_path / "u").manifest
     assert m["engine"]["built"] == ["model.pt2", "model.pt2.json"] and "model.pt2" in m["files"]
     assert m["engine"]["max_abs_logit_diff_vs_directory"] < TOL
     ids = torch.randint(3, tiny.VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))

@@ -317,15 +317,17 @@ def test_strategy_for_other_weights(model, capsys, tmp_path):
 # ---------------------------------------------------------------- parity
 
 def test_parity_failure_writes_nothing_unless_accepted(model, capsys, tmp_path, monkeypatch):
-    from amoeba_export.exporters import pytorch
+    import dataclasses
 
-    load = pytorch.load
+    from amoeba_export import flows
+
+    load = flows.FLOWS["pytorch"].load
 
     def off_by_a_little(out_dir):  # an exporter bug: logits shifted by 0.01
         fn = load(out_dir)
         return lambda ids: fn(ids) + 0.01 * torch.arange(fn(ids).shape[-1]) / 96
 
-    monkeypatch.setattr(pytorch, "load", off_by_a_little)
+    monkeypatch.setitem(flows.FLOWS, "pytorch", dataclasses.replace(flows.FLOWS["pytorch"], load=off_by_a_little))
     code, _, err = export(capsys, model, "--shape", "5x0.75", "--out", str(tmp_path / "o"))
     one_error(code, err, "parity check failed for pytorch at 5x0.75: max |logit difference|")
     assert list(tmp_path.iterdir()) == []

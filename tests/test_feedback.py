@@ -12,6 +12,7 @@ from amoeba_export.errors import UserError
 from amoeba_export.feedback import BUDGET_SLACK, Feedback, SpotCheck, rescaled, spot_shapes
 from amoeba_export.search import search
 from amoeba_export.shapes import Shape
+from amoeba_export.flows import FLOWS
 from profilers.tables import LatencyTable, hardware_differences, hardware_fingerprint, strategy_fingerprint
 from profilers.timing import load_snapshot, other_load, quiet_enough
 from targets import load_target
@@ -148,7 +149,7 @@ def scripted_setup(tmp_path, tiny_gqa, hardware: dict):
     from profilers.workload import Workload
 
     elastic, sdir = load_elastic(tiny_gqa, tmp_path / "strategy")
-    plans = legal_plans(elastic, "pytorch", load_target("host"), dtype="float32")
+    plans = legal_plans(elastic, FLOWS["pytorch"], load_target("host"), dtype="float32")
     table_s = {s: COST * 4 * d.parameters() for s, d in plans.shapes.items()}
     wl = Workload(1, 16, 4, "tpot")
     t = LatencyTable(target="host", flow="pytorch", model={"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]},
@@ -233,7 +234,7 @@ def test_profiling_under_load_writes_no_table(tiny_gqa, tmp_path, monkeypatch):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
         with pytest.raises(UserError, match="a table measured now would be wrong, so none was written"):
-            profile_table(em, load_target("host"), "pytorch", Workload(1, 8, 4, "tpot"), n_validate=1, root=tmp_path,
+            profile_table(em, load_target("host"), FLOWS["pytorch"], Workload(1, 8, 4, "tpot"), n_validate=1, root=tmp_path,
                           warmup=1, min_repeats=3, max_repeats=5)
     finally:
         for h in hogs:

@@ -25,8 +25,10 @@ from amoeba_export.shapes import Shape
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from amoeba_export.exporters import gguf as gx  # noqa: E402
-from profilers import gguf as prof  # noqa: E402
+from amoeba_export.flows.gguf import writer as gx  # noqa: E402
+from amoeba_export.flows import FLOWS  # noqa: E402
+from amoeba_export.flows.gguf import runtime as prof  # noqa: E402
+from profilers.profile import profile_artifact  # noqa: E402
 from profilers.workload import Workload  # noqa: E402
 
 F32_TOL = 1e-3
@@ -38,7 +40,9 @@ FAST = dict(warmup=1, min_repeats=3, max_repeats=5, max_seconds=5.0)
 def export(em, shape, out, quant=None, dtype=None):
     dense = materialize(em, shape, dtype)
     out.mkdir(parents=True)
-    assert gx.emit(dense, out, em.dir, quant=quant) == ["model.gguf"]
+    emitted = gx.emit(dense, out, em.dir, quant=quant)
+    assert emitted.files == ["model.gguf"]
+    dense.record = {**dense.record, "gguf": emitted.record}  # what the manifest records
     return dense
 
 
@@ -413,7 +417,7 @@ def profiled(tiny_qwen, tmp_path_factory):
 
 
 def test_profile_artifact_record(profiled):
-    rec = prof.profile_artifact(profiled, Workload(prompt_len=12, gen_len=4, metric="e2e"), threads=1, **FAST)
+    rec = profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=12, gen_len=4, metric="e2e"), threads=1, **FAST)
     rec = json.loads(json.dumps(rec))  # JSON-serialisable
     assert rec["workload"] == {"batch": 1, "prompt_len": 12, "gen_len": 4, "metric": "e2e"}
     assert set(rec["timings"]) == {"ttft", "tpot", "e2e"}
@@ -453,20 +457,29 @@ def test_profiler_steps(profiled):
     np.testing.assert_allclose(last_logits(llm), step, atol=1e-3)
     with pytest.raises(ValueError):
         prof.rewind(llm, 20)
-    tokens = prof.generate(llm, ids, 5)
+    steps = prof.Steps(llm)
+
+    def generate(n):
+        steps.rewind(0)
+        tokens = [steps.prefill(ids)]
+        while len(tokens) < n:
+            tokens.append(steps.decode(tokens[-1]))
+        return tokens
+
+    tokens = generate(5)
     assert len(tokens) == 5 and tokens[:2] == [first, nxt] and llm.n_tokens == 14
-    assert prof.generate(llm, ids, 5) == tokens
+    assert generate(5) == tokens
 
 
 def test_profiler_user_errors(profiled, tmp_path):
     with pytest.raises(UserError, match="batch"):
-        prof.profile_artifact(profiled, Workload(batch=2, prompt_len=4), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(batch=2, prompt_len=4), threads=1, **FAST)
     with pytest.raises(UserError, match="model.gguf"):
-        prof.profile_artifact(tmp_path, Workload(prompt_len=4), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], tmp_path, Workload(prompt_len=4), threads=1, **FAST)
     with pytest.raises(UserError, match="context length"):
-        prof.profile_artifact(profiled, Workload(prompt_len=300), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=300), threads=1, **FAST)
     with pytest.raises(UserError, match="threads"):
-        prof.profile_artifact(profiled, Workload(prompt_len=4), threads=0, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=4), threads=0, **FAST)
 
 
 # ---------------------------------------------------------------- the real default model (slow)

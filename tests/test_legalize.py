@@ -8,7 +8,7 @@ import torch
 import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import pytorch
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.legalize import legalize
 from amoeba_export.shared_types import FlowCaps
 from amoeba_export.materialize import materialize

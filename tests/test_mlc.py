@@ -25,7 +25,8 @@ import torch
 import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import mlc, pytorch
+from amoeba_export.flows.mlc import writer as mlc
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.legalize import legalize
 from amoeba_export.materialize import materialize
 from amoeba_export.shapes import Shape
@@ -44,7 +45,7 @@ def legal(em, shape, quant=None, dtype=None):
 
 def emit(dense, out, tokenizer_dir, quant, workload=None):
     out.mkdir(parents=True, exist_ok=True)
-    return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload)
+    return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload).files
 
 
 # ---------------------------------------------------------------- the reference q4 (docs/flow-formats.md §7.2)
@@ -308,7 +309,8 @@ def test_chat_config_fields(tiny_gqa, tiny_llama3, tmp_path):
     dense = legal(em, Shape(em.strategy.space.depths[-1], 0.75), "q4f16_1")
     s = dense.layers[0]
     w = Workload(batch=4, prompt_len=100, gen_len=50)
-    emit(dense, tmp_path / "a", tiny_gqa, "q4f16_1", workload=w)
+    (tmp_path / "a").mkdir()
+    record = mlc.emit(dense, tmp_path / "a", tiny_gqa, quant="q4f16_1", workload=w).record
     cfg = json.loads((tmp_path / "a" / "mlc-chat-config.json").read_text())
     mc = cfg["model_config"]
     assert cfg["version"] == "0.1.0" and cfg["model_type"] == "llama" and cfg["quantization"] == "q4f16_1"
@@ -323,7 +325,7 @@ def test_chat_config_fields(tiny_gqa, tiny_llama3, tmp_path):
     assert cfg["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
     assert cfg["conv_template"]["name"] == "LM" and cfg["conv_template"]["system_prefix_token_ids"] == [1]
     assert cfg["tokenizer_info"]["token_postproc_method"] == "byte_fallback"  # no decoder: MLC's default
-    assert dense.record["mlc"]["context_window_size"] == 160
+    assert record["context_window_size"] == 160
     # without a workload; a workload longer than the model's positions is refused
     emit(dense, tmp_path / "b", tiny_gqa, "q4f16_1")
     mc = json.loads((tmp_path / "b" / "mlc-chat-config.json").read_text())["model_config"]

@@ -16,7 +16,11 @@ import torch
 import tiny
 from amoeba_export import numpy_llama
 from amoeba_export.elastic import ElasticModel
-from amoeba_export.exporters import gguf, mlc, onnx as ox, pytorch, trtllm
+from amoeba_export.flows.gguf import writer as gguf
+from amoeba_export.flows.mlc import writer as mlc
+from amoeba_export.flows.onnx import writer as ox
+from amoeba_export.flows.pytorch import writer as pytorch
+from amoeba_export.flows.trtllm import writer as trtllm
 from amoeba_export.materialize import materialize
 from amoeba_export.shapes import Shape
 
@@ -88,7 +92,7 @@ def test_exporters_hold_about_one_layer(deep, tmp_path, monkeypatch, flow, quant
     live = tracked(dense)
     if flow == "onnx-external":
         monkeypatch.setattr(ox, "LARGE_BYTES", 0)  # the streamed route, taken past protobuf's limit
-        files = ox.emit(dense, tmp_path, em.dir, genai=False)
+        files = ox.emit(dense, tmp_path, em.dir, genai=False).files
         assert ox.DATA_FILE in files
     else:
         exporter = {"pytorch": pytorch, "gguf": gguf, "mlc": mlc, "trtllm": trtllm}[flow]

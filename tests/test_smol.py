@@ -20,6 +20,7 @@ from amoeba_export.pipeline import compile_shape
 from amoeba_export.shapes import Shape
 from amoeba_export.smol import SMOL
 from amoeba_export.upstream import import_checkpoint
+from amoeba_export.flows import FLOWS
 
 TOL = 1e-4
 HOST = {"name": "host", "flows": ["pytorch"]}
@@ -345,7 +346,7 @@ def test_upstream_checkpoint_import_and_export(setup, tmp_path, capsys):
     em.adapter = load_adapter(tmp_path / "imported" / "adapter", info)
     worst = 0.0
     for shape in (em.strategy.space.smallest, Shape(5, 0.875), em.strategy.space.largest):
-        res = compile_shape(em, shape, "pytorch", HOST, tmp_path / f"out-{shape}", strategy_dir=tmp_path / "imported" / "strategy",
+        res = compile_shape(em, shape, FLOWS["pytorch"], HOST, tmp_path / f"out-{shape}", strategy_dir=tmp_path / "imported" / "strategy",
                             adapter_dir=tmp_path / "imported" / "adapter", build=False)
         rec = res.manifest["materialize"]["adapter"]
         gate, chosen, _ = upstream_forward(t, doc, L, "[1,7/8,3/4]", shape, 0, "q_proj", 4.0)

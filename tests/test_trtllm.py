@@ -22,12 +22,13 @@ from safetensors import safe_open
 import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import trtllm
+from amoeba_export.flows.trtllm import writer as trtllm
 from amoeba_export.io import safetensors_header, sha256_file
 from amoeba_export.legalize import legalize
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import VERIFY_TEXT
 from amoeba_export.shapes import Shape
+from amoeba_export.flows import FLOWS
 from profilers.workload import Workload
 from targets import load_target
 
@@ -57,7 +58,7 @@ N_TOKENS = 24  # > 16 positions: the llama3 scaling (original context 16) matter
 def export(em, shape, out: Path, dtype=None, quant=None):
     dense, _ = legalize(materialize(em, shape, dtype), trtllm.CAPS, flow="trtllm", quant=quant)
     out.mkdir(parents=True)
-    files = trtllm.emit(dense, out, em.dir, quant=quant)
+    files = trtllm.emit(dense, out, em.dir, quant=quant).files
     return dense, files
 
 
@@ -425,7 +426,7 @@ def test_compile_for_jetson_writes_the_script_and_verifies(models, tmp_path):
     from amoeba_export.pipeline import compile_shape
 
     em = elastic(models["gqa_llama3"])
-    res = compile_shape(em, em.strategy.space.smallest, "trtllm", load_target("jetson-orin"), tmp_path / "j")
+    res = compile_shape(em, em.strategy.space.smallest, FLOWS["trtllm"], load_target("jetson-orin"), tmp_path / "j")
     m = res.manifest
     assert m["dtype"] == "int4_awq" and m["emitted"][-3:] == ["trtllm_checkpoint/config.json",
                                                                "trtllm_checkpoint/rank0.safetensors", "build.sh"]

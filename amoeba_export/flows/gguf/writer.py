@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
-from ..io import read_json
-from ..shared_types import FLOAT_DTYPES, FlowCaps
-from ..shared_types import DenseModel
-from ..numpy_llama import rope_frequencies
-from .pytorch import llama3_rope, rope
+from ...errors import UserError
+from ...io import read_json
+from ...shared_types import FLOAT_DTYPES, DenseModel, FlowCaps
+from ..base import Emitted
+from ...numpy_llama import rope_frequencies
+from ..pytorch.writer import llama3_rope, rope
 
 NAME = "gguf"
 FILE = "model.gguf"
@@ -315,9 +315,9 @@ def metadata_keys(writer, dense: DenseModel, wtype) -> None:
         writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     """Write `model.gguf`. `quant` None keeps the dense dtype; a K-quant writes the F32 (F16)
-    intermediate that `build` quantises. The tokenizer record goes to `dense.record["gguf"]`."""
+    intermediate that `build` quantises. The record says which arch, weight type and tokenizer."""
     import gguf
 
     check_quant(dense, quant)
@@ -338,9 +338,8 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
             writer.write_tensor_data(data)
     finally:
         writer.close()
-    dense.record["gguf"] = {"arch": arch, "weight_type": wtype.name, "quant": quant, "tokenizer": tok,
-                            "rope_freqs": entries[0][0] == "rope_freqs.weight"}
-    return [FILE]
+    return Emitted([FILE], {"arch": arch, "weight_type": wtype.name, "quant": quant, "tokenizer": tok,
+                            "rope_freqs": entries[0][0] == "rope_freqs.weight"})
 
 
 # ---------------------------------------------------------------- build
@@ -355,7 +354,7 @@ def llama_cpp_module():
 
 def toolchain() -> dict:
     """The versions of what writes and runs the file."""
-    from ..manifest import package_versions
+    from ...manifest import package_versions
 
     return package_versions(("llama_cpp_python", "gguf"))
 

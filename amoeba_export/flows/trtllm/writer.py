@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,13 @@ from tqdm import tqdm
 
 from targets import flow_table
 
-from ..errors import UserError
-from ..io import read_json, safetensors_header, write_json, write_safetensors_stream
-from ..shared_types import FlowCaps
-from ..shared_types import DenseModel
-from ..numpy_llama import Config, logits_fn
-from . import pytorch
-from .device import SCRIPT, run_script, skipped, write_script
+from ...errors import UserError
+from ...io import read_json, safetensors_header, write_json, write_safetensors_stream
+from ...shared_types import DenseModel, FlowCaps
+from ..base import Emitted
+from ...numpy_llama import uniform_logits_fn
+from ..pytorch import writer as pytorch
+from ..device import SCRIPT, run_script, skipped, write_script
 
 NAME = "trtllm"
 # docs/flow-formats.md §1 and §5: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
@@ -154,15 +155,15 @@ def to_trt(stream: Iterable[tuple[str, torch.Tensor]], tied: bool, dtype: torch.
             yield to_trt_name(name), torch.cat([held.pop(name.replace("v_proj", p)) for p in ("q_proj", "k_proj")] + [t])
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     """Write the HF directory (the PyTorch flow's writer) and `trtllm_checkpoint/`, a renaming of the
     HF weights just written: read back one tensor at a time (q/k/v: three), not materialized again."""
-    from ..elastic import WeightSource
+    from ...elastic import WeightSource
 
     check(dense)
     dtype = checkpoint_dtype(dense, quant)
     out_dir = Path(out_dir)
-    files = pytorch.emit(dense, out_dir, tokenizer_dir)
+    files = pytorch.emit(dense, out_dir, tokenizer_dir).files
     ckpt = out_dir / CKPT
     ckpt.mkdir()
     write_json(ckpt / "config.json", unified_config(dense, dtype))
@@ -172,8 +173,8 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     stream = tqdm(to_trt(((n, hf.get(n)) for n, _ in dense.tensor_specs()), dense.tied, dtype), total=len(specs),
                   desc="writing trtllm checkpoint", unit="tensor", leave=False)
     write_safetensors_stream(ckpt, specs, stream, dtype, max_shard_bytes=1 << 62, stem=RANK0.removesuffix(".safetensors"))
-    dense.record["trtllm"] = {"checkpoint_dtype": str(dtype).removeprefix("torch."), "quant": quant}
-    return files + [f"{CKPT}/config.json", f"{CKPT}/{RANK0}"]
+    return Emitted(files + [f"{CKPT}/config.json", f"{CKPT}/{RANK0}"],
+                   {"checkpoint_dtype": str(dtype).removeprefix("torch."), "quant": quant})
 
 
 # ---------------------------------------------------------------- build.sh (runs on the device)
@@ -298,7 +299,7 @@ echo "run: $PYTHON $examples/run.py --engine_dir $PWD/engine --tokenizer_dir $PW
 def script(out_dir: Path, target: dict, quant: str | None = None, workload=None) -> list[str]:
     """Write `build.sh`: toolchain check, GPU arch check, device-side quantisation, trtllm-build
     sized by the workload, and the run command (see BUILD_SH for each step's reason)."""
-    from profilers.workload import Workload
+    from ...shared_types import Workload
 
     out_dir = Path(out_dir)
     wl = workload or Workload()
@@ -347,7 +348,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
 
 
 def toolchain() -> dict:
-    from ..manifest import package_versions
+    from ...manifest import package_versions
 
     return {"trtllm-build": shutil.which("trtllm-build"), **package_versions(("tensorrt_llm", "tensorrt"))}
 
@@ -379,7 +380,7 @@ def lazy_checkpoint(path: Path) -> "LazyWeights":
     float16 / float32, bfloat16 widened to float32 through torch: NumPy has no bfloat16)."""
     from safetensors import SafetensorError, safe_open
 
-    from ..numpy_llama import LazyWeights
+    from ...numpy_llama import LazyWeights
 
     header = safetensors_header(path)  # missing or truncated: a one-line UserError
     try:
@@ -403,24 +404,21 @@ def hf_weights(t, cfg: dict) -> "LazyWeights":
     """TensorRT-LLM names -> HF names: qkv split by (NH, NKV, head_size) rows, fc/gate/proj renamed.
     `t` maps the stored names to arrays (a dict or a `LazyWeights`); nothing is read here: each HF
     tensor is looked up in `t` when asked for, a fused qkv once for its three parts."""
-    from ..numpy_llama import LastParts, LazyWeights
+    from ...numpy_llama import LastParts, LazyWeights, fused_parts
 
     hf_of = {v: k for k, v in GLOBAL_NAMES.items()}
     layer_of = {v: k for k, v in LAYER_NAMES.items()}
     q, kv = cfg["num_attention_heads"] * cfg["head_size"], cfg["num_key_value_heads"] * cfg["head_size"]
     last = LastParts()
 
-    def qkv_part(name: str, i: int):
-        def get():
-            def split():
-                value = t[name]
-                if value.shape[0] != q + 2 * kv:
-                    raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
-                return np.split(value, [q, q + kv])
+    def read_qkv(name: str):
+        def read():
+            value = t[name]
+            if value.shape[0] != q + 2 * kv:
+                raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
+            return value
 
-            return last.get(name, split)[i]
-
-        return get
+        return read
 
     out = {}
     for name in t:
@@ -431,8 +429,8 @@ def hf_weights(t, cfg: dict) -> "LazyWeights":
         module, _, kind = tail.rpartition(".")
         prefix = f"model.layers.{layer}."
         if module == "attention.qkv":
-            for i, m in enumerate(QKV):
-                out[prefix + f"{m}.{kind}"] = qkv_part(name, i)
+            parts = fused_parts(last, name, read_qkv(name), [q, q + kv])
+            out.update({prefix + f"{m}.{kind}": f for m, f in zip(QKV, parts)})
         elif module in layer_of:
             out[prefix + f"{layer_of[module]}.{kind}"] = (lambda n=name: t[n])
         else:
@@ -462,8 +460,10 @@ def load(out_dir: Path):
         if (cfg["architecture"], cfg["position_embedding_type"], cfg["hidden_act"]) != (
                 "LlamaForCausalLM", "rope_gpt_neox", "silu"):
             raise UserError(f"{ckpt}/config.json is not a LLaMA checkpoint this check can run")
-        config = Config(cfg["hidden_size"], [(cfg["num_attention_heads"], cfg["num_key_value_heads"])] * cfg["num_hidden_layers"],
-                        cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"], cfg["rotary_scaling"])
+        forward = partial(uniform_logits_fn, hidden_size=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                          n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"],
+                          head_dim=cfg["head_size"], eps=cfg["norm_epsilon"], rope_theta=cfg["rotary_base"],
+                          rope_scaling=cfg["rotary_scaling"])
         weights = hf_weights(lazy_checkpoint(ckpt / RANK0), cfg)
         missing = [n for n in required(cfg) if n not in weights]
     except KeyError as e:
@@ -472,4 +472,4 @@ def load(out_dir: Path):
         raise UserError(f"{ckpt}/{RANK0} lacks {len(missing)} tensors config.json asks for, e.g. "
                         f"{to_trt_name(missing[0])}")
 
-    return logits_fn(weights, config)
+    return forward(weights)
