@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.flows.openvino import FLOW, runtime, writer
@@ -132,7 +132,7 @@ def test_compressed_weights(fmt, tiny_qwen, exported):
 
 
 def test_emit_is_deterministic(tiny_qwen, exported, tmp_path):
-    em, shape, dense, out = exported(tiny_qwen, "per-layer", "int8")
+    em, shape, _, out = exported(tiny_qwen, "per-layer", "int8")
     FLOW.emit(materialize(em, shape, "float32"), tmp_path, em.dir, quant="int8")
     assert sha256s(out) == sha256s(tmp_path)
     assert set(sha256s(out)) == {writer.MODEL_FILE, writer.WEIGHTS_FILE, writer.CONFIG_FILE, "tokenizer.json",

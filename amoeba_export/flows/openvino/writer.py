@@ -101,7 +101,8 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, rows: Int8Rows | None = None):
         super().__init__()
         self.rows = rows or Int8Rows(linear.weight.detach())
-        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+        bias = linear.bias
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x):
         return torch.nn.functional.linear(x, self.rows.weight(), self.bias)
