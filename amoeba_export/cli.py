@@ -106,7 +106,9 @@ def artifact_options(f):
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
-@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf, trtllm, mlc (trtllm and mlc are built and timed on the device).")
+@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf, trtllm, mlc, vllm, executorch, openvino "
+              "(default: the target's default flow, e.g. vllm on datacenter GPUs; trtllm and mlc are built and timed on "
+              "the device; docs/flows.md).")
 @click.option("--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT).")
 @click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
 @click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
@@ -138,7 +140,7 @@ def cli(ctx, **opts):
     if ctx.invoked_subcommand is not None:
         return
     o = SimpleNamespace(**opts)
-    missing = [n for n, v in (("--target", o.target), ("--flow", o.flow)) if v is None]
+    missing = ["--target"] if o.target is None else []
     if o.shape_text is None and o.budget is None:
         missing.append("--budget (or --shape)")
     if missing:
@@ -164,12 +166,15 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     from .manifest import is_artifact
     from .search import parse_bytes, parse_time
 
-    target, flow, out, metric, dry_run, as_json = o.target, o.flow, o.out, o.metric, o.dry_run, o.as_json
+    target, out, metric, dry_run, as_json = o.target, o.out, o.metric, o.dry_run, o.as_json
     shape = Shape.parse(o.shape_text) if o.shape_text is not None else None
     budget_s = parse_time(o.budget) if o.budget is not None else None
     memory_budget = parse_bytes(o.memory) if o.memory is not None else None
     tgt = load_target(target)
-    flow = get_flow(flow)  # the one place the name is resolved
+    if o.flow is None and tgt.get("default_flow") is None:
+        raise UserError(f"missing --flow: target {target!r} has no default flow; choose one of "
+                        f"{', '.join(tgt['flows'])}")
+    flow = get_flow(o.flow or tgt["default_flow"])  # the one place the name is resolved
     elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights,
                                  resolve_compute(o.device, o.compute_dtype))
     adapter_dir = resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None  # what the manifest hashes
