@@ -348,7 +348,10 @@ def llama_cpp_module():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(INSTALL_HINT) from None
+        # `make setup` leaves it out (a 9-minute source build the other flows do not need).
+        raise UserError("llama-cpp-python is not installed (the gguf flow runs llama.cpp): run `make setup-gguf` "
+                        "(builds its wheel once, about 9 min, portable: CMAKE_ARGS=-DGGML_NATIVE=OFF), or "
+                        "`CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36`") from None
     return llama_cpp
 
 
