@@ -1,7 +1,7 @@
 """The OpenVINO flow's writer: a stateful OpenVINO IR (`openvino_model.xml` + `.bin`) of the dense model.
 
 The graph is the transformers module of the dense model (stock `LlamaForCausalLM`, or `amoeba_llama`
-for per-layer sizes, built with its weights by `exporters.pytorch.in_memory`), wrapped by the ONNX
+for per-layer sizes, built with its weights by `flows.pytorch.writer.in_memory`), wrapped by the ONNX
 flow's `KVCacheDecoder` so the KV cache is explicit I/O, traced by `ov.convert_model` with one
 [batch, kv_heads_N, past, head_dim] shape per cache tensor, then made stateful: each past input and
 its present output become one state variable that the infer request keeps between calls
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ...exporters import pytorch
-from ...exporters.onnx import KVCacheDecoder
+from ..pytorch import writer as pytorch
+from ..onnx.writer import KVCacheDecoder
 from ...io import write_json
 from ...shared_types import DenseModel, FlowCaps
 

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ...errors import UserError
-from ...exporters import pytorch
+from ..pytorch import writer as pytorch
 from ...io import write_json, write_safetensors_stream
 from ...shared_types import FLOAT_DTYPES, DenseModel, FlowCaps
 from ..base import Emitted
