@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.flows.vllm import FLOW, runtime, writer
 from amoeba_export.materialize import materialize
@@ -135,7 +135,7 @@ def test_per_layer_layout(tmp_path):
         for proj in ("gate_proj", "up_proj"):
             assert torch.all(w[f"model.layers.{j}.mlp.{proj}.bias"] == 0)
         if not b["attention"]["no_op"]:
-            D, G = cfg["head_dim"], b["attention"]["n_heads_in_group"]
+            D = cfg["head_dim"]
             q = w[f"model.layers.{j}.self_attn.q_proj.weight"].view(H, D, -1)
             o = w[f"model.layers.{j}.self_attn.o_proj.weight"].view(-1, H, D)
             kept = len(dense.record["kept_query_heads"][j])

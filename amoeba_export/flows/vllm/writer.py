@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ...errors import UserError
-from ..pytorch import writer as pytorch
 from ...io import write_json, write_safetensors_stream
 from ...shared_types import FLOAT_DTYPES, DenseModel, FlowCaps
 from ..base import Emitted
+from ..pytorch import writer as pytorch
 
 # vLLM's CPU attention backend has kernels for these head sizes only (docs/flow-vllm.md §5).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
