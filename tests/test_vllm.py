@@ -103,6 +103,8 @@ def test_per_layer_layout(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
     assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+    assert emitted.record["serve"] == "vllm serve . --dtype float32 --trust-remote-code"
+    assert set(emitted.files) == {p.name for p in out.iterdir()}
     assert (cfg["attention_bias"], cfg["qkv_bias"], cfg["mlp_bias"]) == (True, False, True)
     H = cfg["num_attention_heads"]
     assert H == max(s.n_heads for s in dense.layers) == 4

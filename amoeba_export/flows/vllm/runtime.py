@@ -139,11 +139,12 @@ def profile(out_dir: Path, workload, threads: int | None = None, seed: int = 0, 
         return profile_result(job, workload)
 
 
-def serve_command(out_dir: Path) -> str:
-    """The `vllm serve` line that serves the artifact (OpenAI-compatible server)."""
+def serve_command(out_dir: Path, shown: str | None = None) -> str:
+    """The `vllm serve` line that serves the artifact (OpenAI-compatible server), naming it `shown`
+    (default: its path)."""
     cfg = artifact_config(out_dir)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
-    words = ["vllm", "serve", str(out_dir), "--dtype", str(dtype)]
+    words = ["vllm", "serve", shown or str(out_dir), "--dtype", str(dtype)]
     if "auto_map" in cfg:
         words.append("--trust-remote-code")  # configuration_decilm.py ships in the artifact
     return shlex.join(words)
