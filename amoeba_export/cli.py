@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -857,6 +858,10 @@ def _close_progress() -> None:
 
 
 def main(argv=None) -> None:
+    # torchao (installed with ExecuTorch) warns on import that its CUDA kernels do not load on a CPU
+    # machine, and registers types torch's pytree calls deprecated: nothing here uses either
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="amoeba-export")
     except UserError as e:
