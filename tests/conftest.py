@@ -50,3 +50,19 @@ def default_elastic():
     from amoeba_export.strategy import SHIPPED, Strategy
 
     return ElasticModel(None, Strategy.load(SHIPPED / "smollm2-135m-instruct"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The parity table of this run: every flow's artifact, loaded by its own runtime, against its
+    reference (the worst case of each flow, model, layout and dtype)."""
+    import tiny
+
+    worst: dict[tuple, float] = {}
+    for *key, diff in tiny.PARITY:
+        worst[tuple(key)] = max(diff, worst.get(tuple(key), 0.0))
+    if not worst:
+        return
+    terminalreporter.write_sep("-", "parity: max |Δlogit| of each artifact in its own runtime")
+    terminalreporter.write_line(f"{'flow':11} {'model':22} {'layout':10} {'dtype':9} {'reference':24} max|Δlogit|")
+    for (flow, model, layout, dtype, ref), diff in sorted(worst.items()):
+        terminalreporter.write_line(f"{flow:11} {model:22} {layout:10} {dtype:9} {ref:24} {diff:.2e}")

@@ -9,6 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+import tiny  # noqa: E402
+
 from amoeba_export.base_model import default_model_dir, model_info  # noqa: E402
 from amoeba_export.elastic import ElasticModel  # noqa: E402
 from amoeba_export.flows import FLOWS  # noqa: E402
@@ -37,6 +39,7 @@ def test_shipped_strategy_matches_the_default_model(elastic):
 def test_parity_of_three_shapes(elastic, tmp_path, shape):
     res = compile_shape(elastic, Shape.parse(shape), FLOWS["pytorch"], HOST, tmp_path / shape, dtype="float32")
     p = res.manifest["parity"]
+    tiny.record_parity("pytorch", f"SmolLM2-135M {shape}", res.dense.uniform, "float32", p["max_abs_logit_diff"])
     assert p["max_abs_logit_diff"] < 1e-4 and p["greedy_token_agreement"] == 1.0, p
 
 

@@ -34,6 +34,7 @@ def test_every_shape_matches_reference(fixture, request, tmp_path):
     for shape in em.strategy.space:
         dense, logits = export(em, shape, tmp_path / str(shape))
         diff = (em.logits(ids, shape) - logits(ids)).abs().max().item()
+        tiny.record_parity("pytorch", fixture, dense.uniform, "float32", diff)
         assert diff < TOL, (shape, diff)
         cfg = json.loads((tmp_path / str(shape) / "config.json").read_text())
         kinds.add(cfg["model_type"])

@@ -77,6 +77,7 @@ def test_f32_matches_reference_uniform_and_per_layer(fixture, request, tmp_path)
         ref = em.logits(ids, shape)
         assert got.shape == ref.shape
         diff = (got - ref).abs().max().item()
+        tiny.record_parity("gguf", fixture, dense.uniform, "float32", diff)
         assert diff < F32_TOL, (shape, diff)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
         arch = field(reader(tmp_path / str(shape)), "general.architecture")
@@ -525,6 +526,7 @@ def test_real_f32_parity(real, tmp_path, shape, arch):
     export(real, shape, tmp_path / "f32")
     assert field(reader(tmp_path / "f32"), "general.architecture") == arch
     p = compare(real, shape, tmp_path / "f32", real_ids(real))
+    tiny.record_parity("gguf", f"SmolLM2-135M {shape}", arch == "llama", "float32", p["max_diff"])
     assert p["max_diff"] < F32_TOL and p["agree"] == 1.0, p
 
 

@@ -265,6 +265,7 @@ def test_load_matches_pytorch_on_the_same_weights(fixture, kind, request, tmp_pa
             ref = reference_models(dense, quant)(input_ids=ids, use_cache=False).logits
             plain = pytorch.in_memory(dense)(input_ids=ids, use_cache=False).logits
         diff = (got - ref).abs().max().item()
+        tiny.record_parity("mlc", fixture, kind == "uniform", quant, diff, "same weights in PyTorch")
         s = dense.layers[0]
         print(
             f"\n{fixture} {shape} ({kind}: {s.n_heads}/{s.n_kv_heads} heads, n_ff {s.n_ff}) {quant}: max |logit "

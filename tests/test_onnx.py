@@ -96,6 +96,7 @@ def test_prefill_and_decode_match_reference(fixture, kind, request, exported):
     assert [i.shape[1] for i in past_inputs] == [k for k in kv for _ in (0, 1)]
     ids = torch.randint(3, tiny.VOCAB, (2, 22), generator=torch.Generator().manual_seed(0))  # > 16: llama3 scaling
     diffs = prefill_decode_diff(sess, config, em, shape, ids, prompt=20)
+    tiny.record_parity("onnx", fixture, dense.uniform, "float32", max(diffs))
     assert max(diffs) < TOL, diffs
     # verify's path: the empty-past logits function
     assert (ox.load(out)(ids) - em.logits(ids, shape)).abs().max().item() < TOL
@@ -296,6 +297,7 @@ def test_default_model_pruned_shape(tmp_path, default_elastic):
     ids = torch.tensor([r[:n] for r in rows])
     for name in (ox.MODEL_FILE, ox.OPT_FILE):
         diffs = prefill_decode_diff(ox.session(tmp_path / name), config, em, shape, ids, prompt=n - 2)
+        tiny.record_parity("onnx", "SmolLM2-135M 24x0.75", dense.uniform, "float32", max(diffs))
         assert max(diffs) < 1e-3, (name, diffs)
     print(f"export {seconds:.1f} s, parity {max(diffs):.2e}")
 

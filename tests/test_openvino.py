@@ -93,6 +93,7 @@ def test_float32_matches_reference(fixture, kind, request, exported):
     ids = ids_for(2, 22, 0)  # > 16 positions: llama3's scaling matters
     ref = em.logits(ids, shape)
     diffs = step_diffs(steps, ref.numpy(), ids, prompt=20)
+    tiny.record_parity("openvino", fixture, dense.uniform, "float32", max(diffs))
     assert max(diffs) < TOL, diffs
     variables = config["states"]["variables"]
     got = {s.name: s.state.shape[1] for s in steps.request.query_state()}
@@ -209,5 +210,7 @@ def test_default_model_pruned_shape(tmp_path, default_elastic):
         report[fmt] = (max(diffs), (got - ref).abs().max().item(), top5(got, ref), seconds,
                        (out / writer.WEIGHTS_FILE).stat().st_size)
     print(report)
+    for fmt, figures in report.items():
+        tiny.record_parity("openvino", "SmolLM2-135M 24x0.75", False, fmt, max(figures[:2]))
     assert report["float32"][0] < 1e-3 and report["float32"][1] < 1e-3, report
     assert report["int8"][2] >= 0.9 and report["int8"][4] < 0.3 * report["float32"][4], report

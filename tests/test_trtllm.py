@@ -89,6 +89,7 @@ def test_checkpoint_matches_reference_for_every_shape(models, name, tmp_path):
         ref = em.logits(ids, shape)
         assert got.shape == ref.shape == (2, 24, tiny.VOCAB)
         diff = (got - ref).abs().max().item()
+        tiny.record_parity("trtllm", name, materialize(em, shape).uniform, "float32", diff)
         assert diff < TOL, (shape, diff)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
         worst = max(worst, diff)
@@ -480,6 +481,7 @@ def test_real_model_per_layer_shape(default_elastic, tmp_path):
     got = trtllm.load(tmp_path)(ids)
     ref = em.logits(ids, shape).float()
     diff = (got - ref).abs().max().item()
+    tiny.record_parity("trtllm", "SmolLM2-135M 24x0.75", materialize(em, shape).uniform, "float32", diff)
     agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"\nreal model {shape} ({ids.shape[1]} tokens, logits in [{ref.min():.1f}, {ref.max():.1f}]): "
           f"max |logit diff| {diff:.2e}, greedy agreement {agree:.3f}")

@@ -232,6 +232,7 @@ def test_parity(vllm_run, name):
     r = vllm_run[name]
     assert r["record"]["layout"] == {"uniform": "LlamaForCausalLM", "per-layer": "DeciLMForCausalLM"}[name]
     diff = float(np.abs(r["got"] - r["ref"]).max())
+    tiny.record_parity("vllm", f"head_dim-32 tiny {name}", name == "uniform", "float32", diff)
     print(f"\n{name}: max |Δlogit| {diff:.2e}")
     assert r["got"].shape == r["ref"].shape
     assert diff < TOL
@@ -252,6 +253,7 @@ def test_default_model_parity(vllm_run):
     within the limit verify holds the flow to."""
     r = vllm_run["default"]
     diff = float(np.abs(r["got"] - r["ref"]).max())
+    tiny.record_parity("vllm", f"SmolLM2-135M {DEFAULT_SHAPE}", False, "float32", diff)
     print(f"\ndefault {DEFAULT_SHAPE}: max |Δlogit| {diff:.2e}, {r['record']}")
     assert diff < DEFAULT_TOL
     assert (r["got"].argmax(-1) == r["ref"].argmax(-1)).mean() >= 0.95

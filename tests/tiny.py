@@ -110,3 +110,12 @@ def run_cli(capsys, *args):
         raise SystemExit(0)
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+# (flow, model, layout, dtype, reference, max |Δlogit|) from the parity tests of this run; conftest
+# prints them as one table at the end of the run
+PARITY: list[tuple[str, str, str, str, str, float]] = []
+
+
+def record_parity(flow: str, model: str, uniform: bool, dtype: str, diff: float, reference: str = "masked") -> None:
+    PARITY.append((flow, model, "uniform" if uniform else "per-layer", dtype, reference, float(diff)))
