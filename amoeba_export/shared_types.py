@@ -100,6 +100,23 @@ class DenseModel:
             specs.append(("lm_head.weight", (V, H)))
         return specs
 
+    def sizes(self) -> dict:
+        """The sizes a runtime's own config file records: per-layer head counts, vocabulary, context
+        and special tokens."""
+        base = self.config
+        return {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": len(self.layers),
+            "num_attention_heads": [s.n_heads for s in self.layers],
+            "num_key_value_heads": [s.n_kv_heads for s in self.layers],
+            "head_dim": [s.head_dim for s in self.layers],
+            "max_position_embeddings": base.get("max_position_embeddings"),
+            "bos_token_id": base.get("bos_token_id"),
+            "eos_token_id": base.get("eos_token_id"),
+            "pad_token_id": base.get("pad_token_id"),
+        }
+
     def parameters(self) -> int:
         return sum(int(np.prod(s)) for _, s in self.tensor_specs())
 

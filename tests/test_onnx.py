@@ -25,10 +25,7 @@ TOL = 1e-4
 SEED = 2  # the random strategy whose smallest shape has 2, 1 and 1 (gqa) KV heads per layer
 
 
-def shape_of(em: ElasticModel, kind: str) -> Shape:
-    """The shallowest depth at full width (uniform layers) or at the narrowest width (per-layer)."""
-    space = em.strategy.space
-    return Shape(min(space.depths), 1.0 if kind == "uniform" else min(space.widths))
+shape_of = tiny.shape_of
 
 
 @pytest.fixture(scope="module")

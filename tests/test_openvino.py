@@ -24,10 +24,7 @@ TOL = 1e-4  # float32
 LIMITS = {"float16": 5e-3, "int8": 5e-2}
 
 
-def shape_of(em: ElasticModel, kind: str) -> Shape:
-    """The shallowest depth at full width (uniform layers) or at the narrowest width (per-layer)."""
-    space = em.strategy.space
-    return Shape(min(space.depths), 1.0 if kind == "uniform" else min(space.widths))
+shape_of = tiny.shape_of
 
 
 @pytest.fixture(scope="module")

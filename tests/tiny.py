@@ -119,3 +119,11 @@ PARITY: list[tuple[str, str, str, str, str, float]] = []
 
 def record_parity(flow: str, model: str, uniform: bool, dtype: str, diff: float, reference: str = "masked") -> None:
     PARITY.append((flow, model, "uniform" if uniform else "per-layer", dtype, reference, float(diff)))
+
+
+def shape_of(em, kind: str):
+    """The shallowest depth at full width (uniform layers) or at the narrowest width (per-layer)."""
+    from amoeba_export.shapes import Shape
+
+    space = em.strategy.space
+    return Shape(min(space.depths), 1.0 if kind == "uniform" else min(space.widths))

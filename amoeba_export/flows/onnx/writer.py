@@ -296,7 +296,6 @@ def save_graph(model, path: Path) -> None:
 
 def onnx_config(dense: DenseModel, files: list[str], genai: dict) -> dict:
     """What a runner needs besides the graph: I/O names, per-layer KV shapes, dtype, special tokens."""
-    base, n = dense.config, len(dense.layers)
     return {
         "format": "amoeba-export onnx",
         "schema": 1,
@@ -304,16 +303,7 @@ def onnx_config(dense: DenseModel, files: list[str], genai: dict) -> dict:
         "external_data": DATA_FILE if DATA_FILE in files else None,
         "opset": OPSET,
         "dtype": str(dense.dtype).removeprefix("torch."),
-        "vocab_size": dense.vocab_size,
-        "hidden_size": dense.hidden_size,
-        "num_hidden_layers": n,
-        "num_attention_heads": [s.n_heads for s in dense.layers],
-        "num_key_value_heads": [s.n_kv_heads for s in dense.layers],
-        "head_dim": [s.head_dim for s in dense.layers],
-        "max_position_embeddings": base.get("max_position_embeddings"),
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
-        "pad_token_id": base.get("pad_token_id"),
+        **dense.sizes(),
         "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
                    "past_key_names": PAST[0], "past_value_names": PAST[1]},
         "outputs": {"logits": "logits", "present_key_names": PRESENT[0], "present_value_names": PRESENT[1]},

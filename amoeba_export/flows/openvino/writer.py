@@ -238,7 +238,7 @@ def openvino_config(dense: DenseModel, fmt: str, states: dict[str, str]) -> dict
     """What a runner needs besides the IR: I/O names, per-layer KV shapes, weight format, states."""
     import openvino as ov
 
-    base, n = dense.config, len(dense.layers)
+    n = len(dense.layers)
     return {
         "format": "amoeba-export openvino",
         "schema": 1,
@@ -248,16 +248,7 @@ def openvino_config(dense: DenseModel, fmt: str, states: dict[str, str]) -> dict
         "dtype": fmt,
         "int8": ({"scheme": "symmetric per output channel (row), int8 in [-127, 127], float32 scale",
                   "layers": [*QUANT_LINEARS, "embed_tokens", "lm_head"]} if fmt == "int8" else None),
-        "vocab_size": dense.vocab_size,
-        "hidden_size": dense.hidden_size,
-        "num_hidden_layers": n,
-        "num_attention_heads": [s.n_heads for s in dense.layers],
-        "num_key_value_heads": [s.n_kv_heads for s in dense.layers],
-        "head_dim": [s.head_dim for s in dense.layers],
-        "max_position_embeddings": base.get("max_position_embeddings"),
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
-        "pad_token_id": base.get("pad_token_id"),
+        **dense.sizes(),
         "inputs": ["input_ids"],
         "outputs": ["logits"],
         "states": {"past": names(PAST, n), "present": names(PRESENT, n), "variables": states,
