@@ -75,7 +75,9 @@ def load(path: Path) -> tuple[list[Row], str | None]:
         raise UserError(f"matrix file {path}: not valid TOML ({e})") from None
     unknown = set(data) - {"dist", "defaults", "artifact"}
     if unknown:
-        raise UserError(f"matrix file {path}: unknown key(s) {', '.join(sorted(unknown))} (expected dist, defaults, artifact)")
+        raise UserError(
+            f"matrix file {path}: unknown key(s) {', '.join(sorted(unknown))} (expected dist, defaults, artifact)"
+        )
     items = data.get("artifact")
     if not isinstance(items, list) or not items:
         raise UserError(f"matrix file {path}: no [[artifact]] rows")
@@ -161,10 +163,23 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
         try:
             target = load_target(row.target)
             if row.shape is None:  # the search's summary carries what the row reports
-                m = searched = compile_budget(elastic, target, row.flow, wl, row.budget_s, out, memory_budget=row.memory,
-                                              dtype=row.dtype, check=check, strategy_dir=strategy_dir,
-                                              layout=row.layout, build=build, notice=notice, force=force,
-                                              tables=tables)
+                m = searched = compile_budget(
+                    elastic,
+                    target,
+                    row.flow,
+                    wl,
+                    row.budget_s,
+                    out,
+                    memory_budget=row.memory,
+                    dtype=row.dtype,
+                    check=check,
+                    strategy_dir=strategy_dir,
+                    layout=row.layout,
+                    build=build,
+                    notice=notice,
+                    force=force,
+                    tables=tables,
+                )
             else:
                 searched, m = {}, compile_shape(elastic, row.shape, row.flow, target, out, dtype=row.dtype, check=check,
                                                 strategy_dir=strategy_dir, layout=row.layout, build=build,
@@ -173,11 +188,21 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
             notice(f"{row.name}: error: {e}")
             results.append({**base, "error": str(e)})
             continue
-        result = {**base, "shape": m["shape"], "dtype": m["dtype"], "parameters": m["parameters"], "metric": wl.metric,
-                  "predicted_latency_s": searched.get("predicted_latency_s"),
-                  "measured_latency_s": searched.get("measured_latency_s"), "table_source": searched.get("table_source"),
-                  "measure_command": searched.get("measure_command"), "parity": m["parity"], "engine": m["engine"],
-                  "warnings": list(searched.get("measure_warnings") or []) + [w for w in [(m["parity"] or {}).get("warning")] if w]}
+        result = {
+            **base,
+            "shape": m["shape"],
+            "dtype": m["dtype"],
+            "parameters": m["parameters"],
+            "metric": wl.metric,
+            "predicted_latency_s": searched.get("predicted_latency_s"),
+            "measured_latency_s": searched.get("measured_latency_s"),
+            "table_source": searched.get("table_source"),
+            "measure_command": searched.get("measure_command"),
+            "parity": m["parity"],
+            "engine": m["engine"],
+            "warnings": list(searched.get("measure_warnings") or [])
+            + [w for w in [(m["parity"] or {}).get("warning")] if w],
+        }
         for w in result["warnings"]:
             notice(f"{row.name}: {w}")
         results.append(result)
@@ -191,8 +216,11 @@ def markdown(results: list[dict]) -> str:
     def ms(v):
         return format_time(v) if v else "-"
 
-    lines = ["| artifact | target | flow | dtype | shape | params | metric | predicted | measured | table | greedy agreement | engine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| artifact | target | flow | dtype | shape | params | metric | predicted | measured | table | greedy "
+        "agreement | engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['target']} | {r['flow']} | | failed: {r['error']} | | | | | | | |")
@@ -201,9 +229,11 @@ def markdown(results: list[dict]) -> str:
         built = ", ".join(engine.get("built") or []) or ("script only: run build.sh on the device"
                                                          if engine.get("skipped") else "-")
         parity = f"{r['parity']['greedy_token_agreement']:.0%}" if r.get("parity") else "not checked"
-        lines.append(f"| {r['name']} | {r['target']} | {r['flow']} | {r['dtype']} | {r['shape']} | "
-                     f"{r['parameters'] / 1e6:.1f}M | {r['metric']} | {ms(r.get('predicted_latency_s'))} | "
-                     f"{ms(r.get('measured_latency_s'))} | {r.get('table_source') or '- (fixed shape)'} | {parity} | {built} |")
+        lines.append(
+            f"| {r['name']} | {r['target']} | {r['flow']} | {r['dtype']} | {r['shape']} | "
+            f"{r['parameters'] / 1e6:.1f}M | {r['metric']} | {ms(r.get('predicted_latency_s'))} | "
+            f"{ms(r.get('measured_latency_s'))} | {r.get('table_source') or '- (fixed shape)'} | {parity} | {built} |"
+        )
     commands = sorted({r["measure_command"] for r in results if r.get("measure_command")})
     if commands:
         lines += ["", "Estimated tables: measure each on its device with", ""] + [f"    {c}" for c in commands]

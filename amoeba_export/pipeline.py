@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from targets import default_format
 
 from .compute import Compute
@@ -98,7 +99,8 @@ class Result:
 
 def verify(reference: ElasticModel, shape: Shape, load: Callable[[], Callable]) -> dict:
     """Compare the artifact's logits (its runtime made by `load()`) with the masked reference forward
-    of `reference` at `shape` on a fixed prompt. The reference runs first and a streamed one is released before the artifact
+    of `reference` at `shape` on a fixed prompt. The reference runs first and a streamed one is released before
+    the artifact
     is loaded, so the two never hold memory together."""
     tok = reference.tokenizer()
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
@@ -248,10 +250,12 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: Flow, target: dict,
             if failure is not None:
                 accepted.append(f"parity: {failure}")
             if parity["greedy_token_agreement"] < 0.9:
-                parity["warning"] = (f"{fmt} changes {1 - parity['greedy_token_agreement']:.0%} of the greedy tokens on "
-                                     "the verify prompt against the masked reference of the exported model; the "
-                                     "accuracy table scores the unquantised model, so measure this format's accuracy "
-                                     "before shipping it, or choose a wider format with --dtype")
+                parity["warning"] = (
+                    f"{fmt} changes {1 - parity['greedy_token_agreement']:.0%} of the greedy tokens on "
+                    "the verify prompt against the masked reference of the exported model; the "
+                    "accuracy table scores the unquantised model, so measure this format's accuracy "
+                    "before shipping it, or choose a wider format with --dtype"
+                )
         body = {
             "flow": flow.name,
             "target": target,
@@ -300,8 +304,13 @@ def latency_table(elastic: ElasticModel, target: dict, flow: Flow, workload, str
     machine can: `measurable`), or estimated. `command` measures it on the device. Tables are
     written under `tables` (default: the user's tables folder), never into the package."""
     from profilers.profile import profile_table
-    from profilers.tables import (LatencyTable, build_estimated, hardware_differences, hardware_fingerprint,
-                                  strategy_fingerprint)
+    from profilers.tables import (
+        LatencyTable,
+        build_estimated,
+        hardware_differences,
+        hardware_fingerprint,
+        strategy_fingerprint,
+    )
 
     from .feedback import SPOT_SHAPES, rescaled, spot_check
 
@@ -326,8 +335,10 @@ def latency_table(elastic: ElasticModel, target: dict, flow: Flow, workload, str
             if not diffs:
                 return table, found
             if not (measurable and correct):
-                notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): its predictions may "
-                       f"not hold here; re-measure with: {command}")
+                notice(
+                    f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): its predictions may "
+                    f"not hold here; re-measure with: {command}"
+                )
                 return table, found
             notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): spot-checking "
                    f"{SPOT_SHAPES} shapes here")

@@ -25,9 +25,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import legal_plans, memory_bytes
     from amoeba_export.search import format_time
-    from amoeba_export.flows import get_flow
     from profilers.profile import measure_shape
     from profilers.timing import environment
     from profilers.workload import Workload

@@ -33,7 +33,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--validate", type=int, default=10)
     ap.add_argument("--save", default=None, help="write every shape's features and measured median to this JSON")
-    ap.add_argument("--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)")
+    ap.add_argument(
+        "--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)"
+    )
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
@@ -88,10 +90,16 @@ def main() -> None:
     others = [s for s in plans if str(s) not in fit_shapes]
     v = validation_figures([table.entries[str(s)]["predicted"] for s in others], [measured[s] for s in others])
     print("\n== prediction quality (per-component model vs end-to-end measurement) ==")
-    print(f"fit on {len(fit_shapes)} shapes; checked on the other {v['n']}: median |error| {v['median_abs_rel_error']*100:.2f}%, "
-          f"max {v['max_abs_rel_error']*100:.1f}%, within ±10%: {v['within_10pct']*100:.0f}%")
-    print(f"table's own validation ({table.validation['n']} shapes): median |error| "
-          f"{table.validation['median_abs_rel_error']*100:.2f}%, within ±10%: {table.validation['within_10pct']*100:.0f}%")
+    print(
+        f"fit on {len(fit_shapes)} shapes; checked on the other {v['n']}: "
+        f"median |error| {v['median_abs_rel_error'] * 100:.2f}%, "
+        f"max {v['max_abs_rel_error'] * 100:.1f}%, within ±10%: {v['within_10pct'] * 100:.0f}%"
+    )
+    print(
+        f"table's own validation ({table.validation['n']} shapes): median |error| "
+        f"{table.validation['median_abs_rel_error'] * 100:.2f}%, "
+        f"within ±10%: {table.validation['within_10pct'] * 100:.0f}%"
+    )
     print(f"coefficients (s): {dict(zip(table.component['features'], np.round(table.component['coef'], 7)))}")
     print("\n== profiling cost ==")
     print(f"per-component table: fit measurements {t_fit_only:.1f} s (with its validation shapes {t_table:.1f} s); "
@@ -110,8 +118,11 @@ def main() -> None:
         r = search(acc, lat, measured[max(plans)] * 0.75)
     t_search = (time.perf_counter() - t0) / n
     print("\n== search ==")
-    print(f"one search over {len(lat)} shapes: {t_search*1e3:.2f} ms; hierarchical == exhaustive: {r.agrees_with_exhaustive}; "
-          f"latency lookups {r.evaluated}/{len(lat)}")
+    print(
+        f"one search over {len(lat)} shapes: {t_search * 1e3:.2f} ms; hierarchical == exhaustive: "
+        f"{r.agrees_with_exhaustive}; "
+        f"latency lookups {r.evaluated}/{len(lat)}"
+    )
 
     dense = measured[max(plans)]
     print("\n== budget adherence (fresh export, measured again) ==")

@@ -5,7 +5,8 @@ For each shape (default: the largest, a middle and the smallest of the shipped s
 quantised format (gguf q8_0, q4_0, q4_k_m; mlc q4f16_1, q4f32_1), the artifact is compiled exactly as
 `amoeba-export --shape` does (with `--accept-parity-loss`, so nothing is refused while measuring) and
 verify's figures are printed: greedy-token agreement with the masked reference of the exported model,
-top-5 agreement (the artifact's greedy token among the reference's five most likely) and max |Δlogit|. For MLC, which cannot carry the compensation biases, the held-out perplexity before
+top-5 agreement (the artifact's greedy token among the reference's five most likely) and max |Δlogit|. For MLC,
+which cannot carry the compensation biases, the held-out perplexity before
 and after legalize (and the layout `auto` chose) is printed too. docs/verify.md explains how
 `QUANT_FLOOR` and `MAX_LEGALIZE_LOSS` in amoeba_export/pipeline.py follow from these numbers.
 
@@ -28,9 +29,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import MAX_LEGALIZE_LOSS, QUANT_FLOOR, compile_shape
     from amoeba_export.shapes import Shape
-    from amoeba_export.flows import get_flow
     from targets import load_target
 
     elastic, sdir = load_elastic(args.model, args.strategy)
@@ -52,8 +53,18 @@ def main() -> None:
                 leg = m["legalize"]
                 change = leg["dropped_bias"] or leg["reselected"] or {}
                 before, after = change.get("perplexity_before"), change.get("perplexity_after")
-                rows.append((str(shape), flow, fmt, m["parity"]["greedy_token_agreement"], m["parity"]["top5_agreement"], m["parity"]["max_abs_logit_diff"],
-                             leg["layout"], f"{before:.2f} -> {after:.2f} ({after / before - 1:+.1%})" if before else "exact"))
+                rows.append(
+                    (
+                        str(shape),
+                        flow,
+                        fmt,
+                        m["parity"]["greedy_token_agreement"],
+                        m["parity"]["top5_agreement"],
+                        m["parity"]["max_abs_logit_diff"],
+                        leg["layout"],
+                        f"{before:.2f} -> {after:.2f} ({after / before - 1:+.1%})" if before else "exact",
+                    )
+                )
                 print(*rows[-1][:3], f"greedy {rows[-1][3]:.0%}, top-5 {rows[-1][4]:.0%}", flush=True)
     print()
     print(f"{'shape':>8} {'flow':>5} {'format':>8} {'greedy':>7} {'top-5':>6} {'max|Δlogit|':>11} {'layout':>8}  "

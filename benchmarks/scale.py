@@ -114,7 +114,12 @@ def upstream_doc(L: int, with_width: bool, seed: int = SEED) -> dict:
         doc["strategy"][L - d] = mask
         doc["metric"][L - d] = 0.0
     if with_width:
-        nh, D, F, H = CONFIG["num_attention_heads"], CONFIG["head_dim"], CONFIG["intermediate_size"], CONFIG["hidden_size"]
+        nh, D, F, H = (
+            CONFIG["num_attention_heads"],
+            CONFIG["head_dim"],
+            CONFIG["intermediate_size"],
+            CONFIG["hidden_size"],
+        )
         masks, bias = {}, {}
         for i in range(L):
             heads = np.zeros(nh, bool)
@@ -319,10 +324,22 @@ def run_measured(label: str, argv: list[str], work: Path, env: dict | None = Non
     # the child resets its VmHWM at each phase (so rusage's maxrss is the last phase's): the largest
     # of the phases' and the rest of the run's
     hwm = max([p.get("hwm", 0) for p in child.get("phases", [])] + [ru.ru_maxrss * 1024])
-    return {"label": label, "argv": argv, "code": code, "child_code": child.get("code"), "wall_s": wall,
-            "peak_anon": allp["anon"], "peak_file": allp["file"], "peak_shmem": allp["shmem"],
-            "peak_total_sampled": allp["total"], "maxrss_wait4": ru.ru_maxrss * 1024, "peak_hwm": hwm, "phases": phases,
-            "log": str(log), "log_tail": [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()][-6:]}
+    return {
+        "label": label,
+        "argv": argv,
+        "code": code,
+        "child_code": child.get("code"),
+        "wall_s": wall,
+        "peak_anon": allp["anon"],
+        "peak_file": allp["file"],
+        "peak_shmem": allp["shmem"],
+        "peak_total_sampled": allp["total"],
+        "maxrss_wait4": ru.ru_maxrss * 1024,
+        "peak_hwm": hwm,
+        "phases": phases,
+        "log": str(log),
+        "log_tail": [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()][-6:],
+    }
 
 
 # ------------------------------------------------------------------ cp of the same bytes
@@ -396,11 +413,17 @@ def report_row(r: dict) -> str:
     ratio = f"{r['ratio_cp']:.2f}x" if r.get("ratio_cp") else "-"
     emit = next((p for p in r["phases"] if p["phase"] == "emit"), None)
     build = next((p for p in r["phases"] if p["phase"] == "build"), None)
-    parts = [f"{r['label']:<13}", "ok " if r["code"] == 0 else f"rc={r['code']}",
-             f"{r['wall_s']:7.1f} s (+sync {r.get('sync_after_s', 0):.1f})",
-             f"cp+sync {r.get('cp_sync_s', 0):6.1f} s (cp {r.get('cp_s', 0):.1f})", f"{ratio:>7}", f"anon {r['peak_anon'] / GiB:5.2f} GiB",
-             f"file {r['peak_file'] / GiB:5.2f} GiB", f"hwm {r.get('peak_hwm', r['maxrss_wait4']) / GiB:5.2f} GiB",
-             f"out {r.get('out_bytes', 0) / 1e9:6.2f} GB"]
+    parts = [
+        f"{r['label']:<13}",
+        "ok " if r["code"] == 0 else f"rc={r['code']}",
+        f"{r['wall_s']:7.1f} s (+sync {r.get('sync_after_s', 0):.1f})",
+        f"cp+sync {r.get('cp_sync_s', 0):6.1f} s (cp {r.get('cp_s', 0):.1f})",
+        f"{ratio:>7}",
+        f"anon {r['peak_anon'] / GiB:5.2f} GiB",
+        f"file {r['peak_file'] / GiB:5.2f} GiB",
+        f"hwm {r.get('peak_hwm', r['maxrss_wait4']) / GiB:5.2f} GiB",
+        f"out {r.get('out_bytes', 0) / 1e9:6.2f} GB",
+    ]
     if emit:
         parts.append(f"emit {emit['seconds']:.1f} s/anon {emit['peak_anon'] / GiB:.2f}")
     if build and build["seconds"] > 1:
@@ -452,8 +475,11 @@ def main() -> int:
             r = run_measured(label, argv, work)
             r["shapes"] = n
             r["per_shape_s"] = r["wall_s"] / n if n else None
-            print(f"{label}: rc={r['code']} {r['wall_s']:.1f} s ({n} shapes), peak anon {r['peak_anon'] / GiB:.2f} GiB, "
-                  f"file {r['peak_file'] / GiB:.2f} GiB; log {r['log']}", flush=True)
+            print(
+                f"{label}: rc={r['code']} {r['wall_s']:.1f} s ({n} shapes), peak anon {r['peak_anon'] / GiB:.2f} GiB, "
+                f"file {r['peak_file'] / GiB:.2f} GiB; log {r['log']}",
+                flush=True,
+            )
             results[f"{label}"] = r
             results_file.write_text(json.dumps(results, indent=1))
             continue

@@ -16,8 +16,17 @@ from amoeba_export.materialize import materialize
 from amoeba_export.shared_types import Workload
 
 from .tables import LatencyTable, build_measured, profile_command, strategy_fingerprint
-from .timing import (environment, load_snapshot, other_load, profile_record, quiet_enough, resolve_threads,
-                     time_steps, wait_for_quiet)
+from .timing import (
+    environment,
+    load_snapshot,
+    other_load,
+    profile_record,
+    quiet_enough,
+    resolve_threads,
+    time_steps,
+    wait_for_quiet,
+)
+
 # Every artifact timing spans at least this long: a shared machine's speed drifts over seconds, and a
 # handful of fast samples catches one moment of it (docs/budgets.md).
 MIN_TIMED_SECONDS = 0.5
@@ -59,7 +68,9 @@ def cannot_measure(target: dict, flow: Flow) -> str | None:
         if gpu is None:
             return f"this machine has no visible GPU (the {target['name']} is {target.get('arch')})"
         if gpu["arch"] != target.get("arch"):
-            return f"this machine's GPU is {gpu['name']} ({gpu['arch']}), not the {target['name']} ({target.get('arch')})"
+            return (
+                f"this machine's GPU is {gpu['name']} ({gpu['arch']}), not the {target['name']} ({target.get('arch')})"
+            )
     elif "cpu" not in devices:
         return f"the {flow} profiler times a GPU: name the device as the target (e.g. --target a5000) and run it there"
     return flow.unavailable()
@@ -100,16 +111,34 @@ def measure_shape(dense, flow: Flow, workload: Workload, tokenizer_dir: Path, *,
         return time_artifact(Path(tmp), flow, workload, threads=threads, target=target, **measure_kwargs)
 
 
-def profile_table(elastic, target: dict, flow: Flow, workload: Workload, *, strategy_dir: Path | None = None,
-                  dtype=None, threads=None, n_validate: int = 10, measure_all: bool = False,
-                  root: Path | None = None, plans: dict | None = None, quant: str | None = None,
-                  variant: str | None = None, notice=None, passes: int = 1, **measure_kwargs) -> tuple[LatencyTable, Path]:
+def profile_table(
+    elastic,
+    target: dict,
+    flow: Flow,
+    workload: Workload,
+    *,
+    strategy_dir: Path | None = None,
+    dtype=None,
+    threads=None,
+    n_validate: int = 10,
+    measure_all: bool = False,
+    root: Path | None = None,
+    plans: dict | None = None,
+    quant: str | None = None,
+    variant: str | None = None,
+    notice=None,
+    passes: int = 1,
+    **measure_kwargs,
+) -> tuple[LatencyTable, Path]:
     """Measure and store the table. `plans`: every shape's legalised DenseModel (default: as
     materialized, for flows that take every shape as it is), exported with `quant`."""
     reason = cannot_measure(target, flow)
     if reason:
         where = "" if target["name"] == "host" else f" on the {target['name']}"
-        raise UserError(f"profiling measures the machine it runs on, and {reason}: run `{profile_command(target, flow.name, None, workload)}`{where}")
+        raise UserError(
+            f"profiling measures the machine it runs on, and {reason}: "
+            f"run `{profile_command(target, flow.name, None, workload)}`{where}"
+        )
     plans = plans or {s: materialize(elastic, s, dtype) for s in elastic.strategy.space}
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     path = LatencyTable.path(target["name"], flow.name, elastic.info["name"], workload, root, variant)

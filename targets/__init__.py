@@ -118,7 +118,10 @@ def validate(data: dict, path: Path | str) -> None:
         if not data[table][k] > 0:
             fail(key, f"must be > 0, got {data[table][k]!r}")
     if data["peak_tflops"]["sparsity"] != "dense":
-        fail("peak_tflops.sparsity", "must be \"dense\": give dense tensor-core figures (halve the datasheet's sparse ones)")
+        fail(
+            "peak_tflops.sparsity",
+            'must be "dense": give dense tensor-core figures (halve the datasheet\'s sparse ones)',
+        )
     if not data["flows"]:
         fail("flows", "no flow tables: add at least one [flows.<flow>]")
     for flow, table in data["flows"].items():
@@ -137,7 +140,10 @@ def validate(data: dict, path: Path | str) -> None:
         fail("default_flow", f"must name one of the target's flows ({', '.join(data['flows'])}), "
                              f"got {data['default_flow']!r}")
     for key, value in unsourced_numbers(data):
-        fail(key, f"the number {value!r} has no source: add 'source' to its table or a '{key.rsplit('.', 1)[-1]}_source' key")
+        fail(
+            key,
+            f"the number {value!r} has no source: add 'source' to its table or a '{key.rsplit('.', 1)[-1]}_source' key",
+        )
     for key, table in _tables(data):
         conf = table.get("confidence")
         if conf is not None and conf not in CONFIDENCE:
@@ -228,10 +234,17 @@ def _detect_host() -> dict:
         "kind": "cpu",
         "arch": platform.machine(),
         "arch_source": DETECTED,
-        "cpu": cpu, "cpu_source": DETECTED,
-        "cpu_flags": cpu_flags(), "cpu_flags_source": DETECTED + " (sha256 of the sorted /proc/cpuinfo flags)",
-        "cores": cores, "cores_source": DETECTED + " (os.cpu_count: logical CPUs)",
-        "memory": {"value_gib": mem / 2**30 if mem else None, "unified": gpu is None, "source": DETECTED + " (physical pages x page size)"},
+        "cpu": cpu,
+        "cpu_source": DETECTED,
+        "cpu_flags": cpu_flags(),
+        "cpu_flags_source": DETECTED + " (sha256 of the sorted /proc/cpuinfo flags)",
+        "cores": cores,
+        "cores_source": DETECTED + " (os.cpu_count: logical CPUs)",
+        "memory": {
+            "value_gib": mem / 2**30 if mem else None,
+            "unified": gpu is None,
+            "source": DETECTED + " (physical pages x page size)",
+        },
         "memory_bytes": mem,
         "bandwidth": bw,
         "bandwidth_gbs": bw["value_gbs"],
@@ -265,8 +278,9 @@ def probe_bandwidth(mib: int = 256, repeats: int = 3) -> dict:
         best = min(best, time.perf_counter() - t0)
     return {
         "value_gbs": round(2 * src.nbytes / best / 1e9, 2),
-        "source": f"{DETECTED}: numpy copy of a {mib} MiB float64 array, one thread, best of {repeats} after a warm-up; "
-                  f"counts {mib} MiB read + {mib} MiB written per copy (STREAM Copy convention, write-allocate not counted)",
+        "source": f"{DETECTED}: numpy copy of a {mib} MiB float64 array, one thread, best of {repeats} after a "
+        "warm-up; "
+        f"counts {mib} MiB read + {mib} MiB written per copy (STREAM Copy convention, write-allocate not counted)",
         "confidence": "measured",
     }
 

@@ -11,10 +11,10 @@ pytestmark = pytest.mark.slow
 
 from amoeba_export.base_model import default_model_dir, model_info  # noqa: E402
 from amoeba_export.elastic import ElasticModel  # noqa: E402
+from amoeba_export.flows import FLOWS  # noqa: E402
 from amoeba_export.pipeline import compile_shape  # noqa: E402
 from amoeba_export.shapes import Shape  # noqa: E402
 from amoeba_export.strategy import SHIPPED  # noqa: E402
-from amoeba_export.flows import FLOWS
 
 SHIPPED_DIR = SHIPPED / "smollm2-135m-instruct"
 HOST = {"name": "host", "flows": ["pytorch"]}

@@ -2,16 +2,16 @@
 import json
 
 import pytest
+import tiny
 import torch
 
-import tiny
-from amoeba_export.adapter import LoRA, LoRADelta, PROJECTIONS, weight_name
+from amoeba_export.adapter import PROJECTIONS, LoRA, LoRADelta, weight_name
 from amoeba_export.elastic import ElasticModel
+from amoeba_export.flows import FLOWS
 from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.io import safetensors_header
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import compile_shape
-from amoeba_export.flows import FLOWS
 
 TOL = 1e-4
 
@@ -27,7 +27,9 @@ def export(em, shape, out):
 def test_every_shape_matches_reference(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
     em = ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
-    ids = torch.randint(3, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))  # > 16: RoPE scaling matters
+    ids = torch.randint(
+        3, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0)
+    )  # > 16: RoPE scaling matters
     kinds = set()
     for shape in em.strategy.space:
         dense, logits = export(em, shape, tmp_path / str(shape))
@@ -56,7 +58,9 @@ def test_lora_adapter_merge_matches_unmerged_reference(tiny_qwen, tmp_path):
     for layer in range(em.n_layers):
         for proj in PROJECTIONS:
             out_f, in_f = w.shape(weight_name(layer, proj))
-            deltas[(layer, proj)] = LoRADelta(torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3, 0.25)
+            deltas[(layer, proj)] = LoRADelta(
+                torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3, 0.25
+            )
     em.adapter = LoRA(deltas)
     ids = torch.randint(3, tiny.VOCAB, (1, 9), generator=g)
     for shape in em.strategy.space:

@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import tiny
 
 import targets
-import tiny
 from amoeba_export import flows
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
@@ -59,8 +59,22 @@ def test_the_command_line_resolves_the_flow_once(setup_cli, capsys, tmp_path, mo
     calls = []
     real = flows.get_flow
     monkeypatch.setattr(flows, "get_flow", lambda name: calls.append(name) or real(name))
-    code, _, err = tiny.run_cli(capsys, "--target", "host", "--flow", "onnx", "--shape", "5x0.75", "--model", str(model),
-                                "--strategy", str(sdir), "--out", str(tmp_path / "a"), "--json")
+    code, _, err = tiny.run_cli(
+        capsys,
+        "--target",
+        "host",
+        "--flow",
+        "onnx",
+        "--shape",
+        "5x0.75",
+        "--model",
+        str(model),
+        "--strategy",
+        str(sdir),
+        "--out",
+        str(tmp_path / "a"),
+        "--json",
+    )
     assert code == 0, err
     assert calls == ["onnx"]
 

@@ -13,9 +13,9 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.io import sha256_file
@@ -25,9 +25,9 @@ from amoeba_export.shapes import Shape
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from amoeba_export.flows.gguf import writer as gx  # noqa: E402
 from amoeba_export.flows import FLOWS  # noqa: E402
 from amoeba_export.flows.gguf import runtime as prof  # noqa: E402
+from amoeba_export.flows.gguf import writer as gx  # noqa: E402
 from profilers.profile import profile_artifact  # noqa: E402
 from profilers.workload import Workload  # noqa: E402
 
@@ -292,7 +292,10 @@ def test_read_back_structure(tiny_qwen, tiny_gqa, tmp_path):
                 if len(t.shape) == 1:
                     assert t.tensor_type == gguf.GGMLQuantizationType.F32
             assert field(r, "tokenizer.ggml.model") == "none"  # WordLevel test tokenizer
-    assert dense.record["gguf"]["tokenizer"]["model"] == "none" and "WordLevel" in dense.record["gguf"]["tokenizer"]["reason"]
+    assert (
+        dense.record["gguf"]["tokenizer"]["model"] == "none"
+        and "WordLevel" in dense.record["gguf"]["tokenizer"]["reason"]
+    )
 
 
 def test_q_k_permutation_is_rotate_half_to_adjacent_pairs():
@@ -347,7 +350,9 @@ def bpe_tokenizer(path, kind):
     config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
               "chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"}
     if kind == "llama-bpe":  # Llama-3 style: the post-processor puts BOS in front
-        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+        )
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))

@@ -5,19 +5,19 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.io import sha256_file
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.onnx import runtime as onnx_profiler
 from amoeba_export.flows.onnx import writer as ox
 from amoeba_export.flows.pytorch import writer as pytorch
+from amoeba_export.io import sha256_file
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import VERIFY_TEXT
 from amoeba_export.shapes import Shape
-from amoeba_export.flows import FLOWS
-from amoeba_export.flows.onnx import runtime as onnx_profiler
 from profilers.profile import profile_artifact
 from profilers.workload import Workload
 

@@ -5,18 +5,27 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.pytorch import runtime as prof
 from amoeba_export.flows.pytorch import writer as pytorch_exporter
 from amoeba_export.materialize import materialize
-from amoeba_export.flows.pytorch import runtime as prof
-from amoeba_export.flows import FLOWS
 from profilers.profile import profile_artifact
-from profilers.timing import (time_steps, Timing, environment, is_stable, measure, percentile, physical_cores,
-                              pinned_threads, skew_warnings)
+from profilers.timing import (
+    Timing,
+    environment,
+    is_stable,
+    measure,
+    percentile,
+    physical_cores,
+    pinned_threads,
+    skew_warnings,
+    time_steps,
+)
 from profilers.workload import Workload
 
 FAST = dict(warmup=1, min_repeats=3, max_repeats=5, max_seconds=5.0)
@@ -328,7 +337,9 @@ def test_rewind_restores_the_cache_state(models):
 
 def test_profile_artifact_record(exported):
     before = torch.get_num_threads()
-    rec = profile_artifact(FLOWS["pytorch"], exported["per_layer"], Workload(prompt_len=8, gen_len=3), threads=1, **FAST)
+    rec = profile_artifact(
+        FLOWS["pytorch"], exported["per_layer"], Workload(prompt_len=8, gen_len=3), threads=1, **FAST
+    )
     assert torch.get_num_threads() == before
     rec = json.loads(json.dumps(rec))  # JSON-serialisable
     assert rec["workload"] == {"batch": 1, "prompt_len": 8, "gen_len": 3, "metric": "tpot"}

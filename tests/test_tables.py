@@ -3,12 +3,12 @@ import json
 
 import numpy as np
 import pytest
-
 import tiny
+
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.materialize import materialize
 from amoeba_export.flows import FLOWS
+from amoeba_export.materialize import materialize
 from profilers.profile import profile_table
 from profilers.tables import REPEAT_ERROR, LatencyTable, build_estimated, build_measured, features
 from profilers.workload import Workload

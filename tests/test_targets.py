@@ -3,10 +3,10 @@ is sane and probes once per process, broken files fail with a UserError naming t
 from __future__ import annotations
 
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import targets
 from amoeba_export.errors import UserError
@@ -83,7 +83,10 @@ def test_host_detection_sane_and_cached():
     assert h["bandwidth_gbs"] > 0.1 and "detected on the running machine" in h["bandwidth"]["source"]
     assert h["peak_tflops"]["fp32"] > 0
     assert h["flows"] == HOST_FLOWS
-    assert h["flow_defaults"]["pytorch"]["dtype"] == "float32" and h["flow_defaults"]["gguf"]["dtype"] in ("Q8_0", "F16")
+    assert h["flow_defaults"]["pytorch"]["dtype"] == "float32" and h["flow_defaults"]["gguf"]["dtype"] in (
+        "Q8_0",
+        "F16",
+    )
     assert h["source"] == "detected on the running machine"
     assert h["gpu"] is None or h["gpu"]["arch"].startswith("sm_")
     assert "host" in targets.describe(h)
@@ -147,7 +150,9 @@ def test_gpu_detection_through_torch_cuda(monkeypatch):
     import types
 
     props = types.SimpleNamespace(name="NVIDIA H100 80GB HBM3", major=9, minor=0, total_memory=80 * 2**30)
-    cuda = types.SimpleNamespace(is_available=lambda: True, get_device_properties=lambda i: props, device_count=lambda: 1)
+    cuda = types.SimpleNamespace(
+        is_available=lambda: True, get_device_properties=lambda i: props, device_count=lambda: 1
+    )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     gpu = targets.detect_gpu()
     assert gpu == {"name": "NVIDIA H100 80GB HBM3", "arch": "sm_90", "memory_bytes": 80 * 2**30, "count": 1,

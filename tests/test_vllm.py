@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.flows.vllm import FLOW, runtime, writer
 from amoeba_export.materialize import materialize
@@ -103,6 +103,8 @@ def test_per_layer_layout(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["DeciLMForCausalLM"] and cfg["model_type"] == "nemotron-nas"
     assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+    assert emitted.record["serve"] == "vllm serve . --dtype float32 --trust-remote-code"
+    assert set(emitted.files) == {p.name for p in out.iterdir()}
     assert (cfg["attention_bias"], cfg["qkv_bias"], cfg["mlp_bias"]) == (True, False, True)
     H = cfg["num_attention_heads"]
     assert H == max(s.n_heads for s in dense.layers) == 4
@@ -135,7 +137,7 @@ def test_per_layer_layout(tmp_path):
         for proj in ("gate_proj", "up_proj"):
             assert torch.all(w[f"model.layers.{j}.mlp.{proj}.bias"] == 0)
         if not b["attention"]["no_op"]:
-            D, G = cfg["head_dim"], b["attention"]["n_heads_in_group"]
+            D = cfg["head_dim"]
             q = w[f"model.layers.{j}.self_attn.q_proj.weight"].view(H, D, -1)
             o = w[f"model.layers.{j}.self_attn.o_proj.weight"].view(-1, H, D)
             kept = len(dense.record["kept_query_heads"][j])

@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from amoeba_export.errors import UserError
-from .writer import FILE, llama_cpp_module
-
 from amoeba_export.shared_types import Workload
 from profilers.timing import resolve_threads
 
 from ..base import Opened
-
+from .writer import FILE, llama_cpp_module
 
 
 def artifact_file(path: str | Path) -> Path:

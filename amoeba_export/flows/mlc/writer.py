@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from targets import flow_table
 
 from ...errors import UserError
 from ...io import dumps_json, read_json, write_json
+from ...numpy_llama import LazyWeights
 from ...shared_types import DenseModel, FlowCaps
 from ..base import Emitted
 from ..device import SCRIPT, run_script, skipped, write_script
@@ -607,7 +609,8 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
 
 def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
     """The cache as Hugging Face-named arrays (float16 / float32 as stored, q4 dequantised in its
-    scale's dtype, bf16 widened to float32; qkv / gate_up split), and model_config. Lazy: each array is read (memory-mapped), dequantised and split when looked up,
+    scale's dtype, bf16 widened to float32; qkv / gate_up split), and model_config. Lazy: each array is read
+    (memory-mapped), dequantised and split when looked up,
     a fused weight once for its consecutive parts, so a forward layer by layer holds one layer."""
     from ...numpy_llama import LastParts, LazyWeights, fused_parts
 
@@ -633,7 +636,7 @@ def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
         if kind == "q_scale":
             continue
         prefix, _, proj = module.rpartition(".")
-        read = (lambda m=module, k=kind: stored(m, k))
+        read = partial(stored, module, kind)
         if proj == "qkv_proj":
             parts = fused_parts(last, (module, kind), read, [q, q + kv])
             loaders.update({f"{prefix}.{p}.weight": f for p, f in zip(("q_proj", "k_proj", "v_proj"), parts)})

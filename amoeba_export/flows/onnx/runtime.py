@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import writer as exporter
-
 import numpy as np
 
 from amoeba_export.errors import UserError
@@ -27,7 +25,7 @@ from amoeba_export.shared_types import Workload
 from profilers.timing import resolve_threads
 
 from ..base import Opened
-
+from . import writer as exporter
 
 
 def load_artifact(path: str | Path, threads: int | None = None):

@@ -270,8 +270,12 @@ def normalise(model) -> None:
     for value in values:
         value.metadata_props.clear()
         if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
-            value.shape = ir.Shape([ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
-                                    for d in value.shape])
+            value.shape = ir.Shape(
+                [
+                    ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                    for d in value.shape
+                ]
+            )
     for name in sorted(graph.initializers):
         if name.startswith("model."):
             graph.initializers[name].name = name.removeprefix("model.")

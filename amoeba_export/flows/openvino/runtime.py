@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from profilers.timing import resolve_threads
+
 from ...errors import UserError
 from ...io import read_json
 from .writer import CONFIG_FILE, MODEL_FILE
@@ -106,14 +108,18 @@ def load(out_dir: Path):
     return logits
 
 
-def open(out_dir: Path, workload, threads: int, seed: int = 0):
+def open(out_dir: Path, workload, metrics: tuple[str, ...] | None = None, *, threads: int | None = None,
+         seed: int = 0, device: str = "cpu"):
     """The artifact compiled as it ships (TIMED_HINTS), for `time_steps`."""
     import openvino as ov
 
     from ..base import Opened
 
+    if device != "cpu":
+        raise UserError(f"the openvino profiler times the CPU plugin, not {device}")
+    threads = resolve_threads(threads)
     config = read_config(out_dir)
-    workload.timed(None, config.get("max_position_embeddings"), "max_position_embeddings")
+    metrics, _ = workload.timed(metrics, config.get("max_position_embeddings"), "max_position_embeddings")
     compiled = compile_model(out_dir, threads, TIMED_HINTS)
     steps = OVSteps(compiled.create_infer_request())
     runtime = {
@@ -121,4 +127,5 @@ def open(out_dir: Path, workload, threads: int, seed: int = 0):
         "threads": threads, "hints": dict(TIMED_HINTS) or "plugin defaults", "properties": properties(compiled),
         "logits": "every position (prefill runs the LM head over the whole prompt)", "seed": seed,
     }
-    return Opened(steps=steps, ids=workload.prompt_ids(config["vocab_size"], seed), runtime=runtime, threads=threads)
+    return Opened(steps=steps, ids=workload.prompt_ids(config["vocab_size"], seed), runtime=runtime, threads=threads,
+                  metrics=metrics)

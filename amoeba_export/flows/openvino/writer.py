@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ..pytorch import writer as pytorch
-from ..onnx.writer import KVCacheDecoder
 from ...io import write_json
 from ...shared_types import DenseModel, FlowCaps
+from ..onnx.writer import KVCacheDecoder
+from ..pytorch import writer as pytorch
 
 CAPS = FlowCaps(per_layer=True, o_down_bias=True, quants=("float32", "float16", "int8"))
 MODEL_FILE = "openvino_model.xml"

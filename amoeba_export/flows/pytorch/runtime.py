@@ -25,12 +25,10 @@ import torch
 
 from amoeba_export.errors import UserError
 from amoeba_export.materialize import DTYPES
-
 from amoeba_export.shared_types import Workload
 from profilers.timing import pinned_threads
 
 from ..base import Opened
-
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -201,8 +201,12 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
         return {**record, "built": [], "skipped": "AOTInductor package: a static KV cache needs the same head counts "
                 "in every layer; export with --layout pad to package this shape"}
     cache_len = min(AOT_CACHE_LEN, getattr(model.config, "max_position_embeddings", AOT_CACHE_LEN))
-    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=cache_len,
-                                               cache_config={"batch_size": 1, "max_cache_len": cache_len, "device": "cpu"})
+    model.generation_config = GenerationConfig(
+        use_cache=True,
+        cache_implementation="static",
+        max_length=cache_len,
+        cache_config={"batch_size": 1, "max_cache_len": cache_len, "device": "cpu"},
+    )
     program = convert_and_export_with_cache(model)
     torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / AOT_PACKAGE))
     info = {"package": AOT_PACKAGE, "batch_size": 1, "max_cache_len": cache_len,
@@ -227,7 +231,9 @@ def load_package(out_dir: Path):
     def logits(ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[0] != 1:
             raise ValueError("the AOTInductor package runs batch 1")
-        steps = [runner(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t]))[:, -1] for t in range(ids.shape[1])]
+        steps = [
+            runner(input_ids=ids[:, t : t + 1], cache_position=torch.tensor([t]))[:, -1] for t in range(ids.shape[1])
+        ]
         return torch.stack(steps, 1)
 
     return logits

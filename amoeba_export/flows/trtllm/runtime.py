@@ -24,10 +24,8 @@ from pathlib import Path
 
 from amoeba_export.errors import UserError
 from amoeba_export.io import read_json
-
-from profilers.timing import environment, profile_record, time_requests
 from amoeba_export.shared_types import Workload
-
+from profilers.timing import environment, profile_record, time_requests
 
 
 def unavailable() -> str | None:

@@ -94,7 +94,6 @@ def profile(job: dict) -> dict:
                "load_s": round(loaded, 2), "timed_as": "whole requests (timing.time_requests)"}
     Path(job["out"]).write_text(json.dumps({"timings": {m: t.to_dict() for m, t in timings.items()},
                                             "environment": env, "runtime": runtime}))
-    del llm
     return {"load_s": round(loaded, 2)}
 
 

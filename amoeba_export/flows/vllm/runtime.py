@@ -88,7 +88,11 @@ def logits_job(out_dir: Path, ids, out: Path) -> dict:
     if ids.ndim != 2:
         raise ValueError(f"ids must be [batch, tokens], got shape {ids.shape}")
     length = -(-(ids.shape[1] + 1) // 16) * 16  # the prompt and the one generated token
-    return {**_base_job(out_dir, length), "mode": "logits", "prompts": ids.tolist(), "out": str(out)}
+    # Verify computes in float32 whatever the stored dtype: half-precision weights widen exactly, so the
+    # check sees the artifact's weights and layout, not vLLM's CPU bf16 arithmetic (0.74 on the default
+    # model's logits at 30x1.0 in bf16; docs/flow-vllm.md). Timing runs the artifact's own dtype.
+    return {**_base_job(out_dir, length), "dtype": "float32", "mode": "logits", "prompts": ids.tolist(),
+            "out": str(out)}
 
 
 def profile_job(out_dir: Path, workload, out: Path, threads: int, seed: int = 0, metrics=None,
@@ -139,11 +143,12 @@ def profile(out_dir: Path, workload, threads: int | None = None, seed: int = 0, 
         return profile_result(job, workload)
 
 
-def serve_command(out_dir: Path) -> str:
-    """The `vllm serve` line that serves the artifact (OpenAI-compatible server)."""
+def serve_command(out_dir: Path, shown: str | None = None) -> str:
+    """The `vllm serve` line that serves the artifact (OpenAI-compatible server), naming it `shown`
+    (default: its path)."""
     cfg = artifact_config(out_dir)
     dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "auto"
-    words = ["vllm", "serve", str(out_dir), "--dtype", str(dtype)]
+    words = ["vllm", "serve", shown or str(out_dir), "--dtype", str(dtype)]
     if "auto_map" in cfg:
         words.append("--trust-remote-code")  # configuration_decilm.py ships in the artifact
     return shlex.join(words)

@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from ...errors import UserError
-from ..pytorch import writer as pytorch
 from ...io import write_json, write_safetensors_stream
 from ...shared_types import FLOAT_DTYPES, DenseModel, FlowCaps
 from ..base import Emitted
+from ..pytorch import writer as pytorch
 
 # vLLM's CPU attention backend has kernels for these head sizes only (docs/flow-vllm.md §5).
 CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -305,8 +305,7 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     record = {"layout": "LlamaForCausalLM" if layout.stock else "DeciLMForCausalLM",
               "num_attention_heads": layout.n_heads, "trust_remote_code": not layout.stock}
     if layout.stock:
-        files = pytorch.emit(dense, out_dir, tokenizer_dir)
-        return Emitted(files, record)
+        return Emitted(pytorch.emit(dense, out_dir, tokenizer_dir).files, {**record, "serve": serve(out_dir)})
     record["padding"] = layout.padding()
     write_json(out_dir / "config.json", decilm_config(dense, layout))
     files = ["config.json"]
@@ -316,4 +315,11 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     files += pytorch.copy_tokenizer(tokenizer_dir, out_dir)
     shutil.copyfile(CONFIG_FILE, out_dir / CONFIG_CODE)
     files.append(CONFIG_CODE)
-    return Emitted(files, record)
+    return Emitted(files, {**record, "serve": serve(out_dir)})
+
+
+def serve(out_dir: Path) -> str:
+    """The manifest's serve command, run from inside the artifact folder."""
+    from .runtime import serve_command
+
+    return serve_command(out_dir, shown=".")
