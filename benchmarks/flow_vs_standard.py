@@ -190,36 +190,6 @@ def open_optimum_executorch(path, workload, metrics=None, *, threads=None, seed=
                   n, metrics)
 
 
-def open_ours_openvino(path, workload, metrics=None, *, threads=None, seed=0, device="cpu"):
-    """Our openvino artifact opened as the flow's `runtime.open` does. That function (main at 099db3a)
-    still takes `(out_dir, workload, threads, seed)` and builds an `Opened` without `metrics`, so the
-    profiler cannot call it; this is it with the `Flow.open` signature, used only while that lasts."""
-    import openvino as ov
-
-    from amoeba_export.flows.base import Opened
-    from amoeba_export.flows.openvino import runtime as ours
-    from profilers.timing import resolve_threads
-
-    n = resolve_threads(threads)
-    config = ours.read_config(path)
-    metrics, _ = workload.timed(metrics, config.get("max_position_embeddings"), "max_position_embeddings")
-    compiled = ours.compile_model(Path(path), n, ours.TIMED_HINTS)
-    runtime = {"flow": "openvino", "openvino": ov.get_version(), "threads": n,
-               "hints": dict(ours.TIMED_HINTS) or "plugin defaults", "properties": ours.properties(compiled)}
-    return Opened(ours.OVSteps(compiled.create_infer_request()), workload.prompt_ids(config["vocab_size"], seed),
-                  runtime, n, metrics)
-
-
-def follows_interface(flow):
-    """`flow`, with a stand-in `open` where its own does not take the `Flow.open` arguments."""
-    import inspect
-
-    if flow.open is not None and "metrics" not in inspect.signature(flow.open).parameters:
-        if flow.name == "openvino":
-            return dataclasses.replace(flow, open=open_ours_openvino)
-    return flow
-
-
 # flow -> (convert HF dir into an artifact dir, an `open` for it where our flow's cannot read it)
 STANDARD = {
     "pytorch": (None, None),
@@ -270,7 +240,7 @@ def time_standard(flow, hf_plan, wl, tokenizer_dir: Path, quant, threads: int, k
     from profilers.profile import time_artifact
 
     opener = STANDARD[flow.name][1]
-    timed_flow = follows_interface(flow) if opener is None else dataclasses.replace(flow, open=opener)
+    timed_flow = flow if opener is None else dataclasses.replace(flow, open=opener)
     with scratch_dir("amoeba-standard-") as tmp:
         art, seconds = standard_artifact(flow, hf_plan, tokenizer_dir, quant, tmp, keep)
         timing = time_artifact(art, timed_flow, wl, threads=threads)
@@ -329,7 +299,7 @@ def main() -> None:
             fmt = quant or str(plans[shape].dtype).removeprefix("torch.")
             print(f"{name} {shape} ({fmt}): ours ...", flush=True)
             try:
-                ours = measure_shape(plans[shape], follows_interface(flow), wl, elastic.dir, quant=quant,
+                ours = measure_shape(plans[shape], flow, wl, elastic.dir, quant=quant,
                                      threads=args.threads)
             except Exception as e:  # one flow's failure must not cost the other rows of the run
                 traceback.print_exc()
@@ -360,7 +330,7 @@ def main() -> None:
         noisy = [who for who, t in (("ours", ours), ("std", std)) if t and t.get("noisy")]
         if noisy:
             busy = max((t or {}).get("other_load") or 0 for t in (ours, std))
-            note += f"; noisy: {','.join(noisy)} (other load {busy:.1f} CPUs)"
+            note = "; ".join(n for n in (note, f"noisy: {','.join(noisy)} (other load {busy:.1f} CPUs)") if n)
         std_p = f"{std_params / 1e6:.1f}M" if std else "-"
         std_t = format_time(std["median"]) if std else "-"
         ratio = f"{ours['median'] / std['median']:.2f}" if std else "-"
