@@ -233,19 +233,43 @@ def standard_artifact(flow, hf_plan, tokenizer_dir: Path, quant, tmp: Path, keep
     return art, seconds
 
 
-def time_standard(flow, hf_plan, wl, tokenizer_dir: Path, quant, threads: int, keep: Path | None = None) -> dict:
-    """The standard tool's artifact (`standard_artifact`) timed in our runtime: the timing record
-    plus "convert_s"."""
+# Timed in this order: the first timing in a process runs slow (caches, allocator, CPU frequency), so
+# each side is timed once early and once late, and its two medians are averaged.
+ORDER = ("ours", "std", "std", "ours")
+
+
+def time_pair(flow, ours_plan, hf_plan, wl, tokenizer_dir: Path, quant, threads: int, target: dict,
+              keep: Path | None = None) -> tuple[dict, dict | None]:
+    """Our artifact (exported and built as the compile would) and the standard tool's (None where the
+    flow has none), each timed twice in ORDER by the same loop in our runtime: (ours, standard), each
+    the first timing record with "median" the mean of its two medians, "medians" both, "noisy" if
+    either was, and for the standard one "convert_s"."""
+    from amoeba_export.flows import write_artifact
     from amoeba_export.io import scratch_dir
     from profilers.profile import time_artifact
 
-    opener = STANDARD[flow.name][1]
-    timed_flow = flow if opener is None else dataclasses.replace(flow, open=opener)
-    with scratch_dir("amoeba-standard-") as tmp:
-        art, seconds = standard_artifact(flow, hf_plan, tokenizer_dir, quant, tmp, keep)
-        timing = time_artifact(art, timed_flow, wl, threads=threads)
-    timing["convert_s"] = seconds
-    return timing
+    opener = STANDARD.get(flow.name, (None, None))[1]
+    timed = {"ours": flow, "std": flow if opener is None else dataclasses.replace(flow, open=opener)}
+    with scratch_dir("amoeba-ours-") as ours_dir, scratch_dir("amoeba-standard-") as tmp:
+        write_artifact(flow, ours_plan, Path(ours_dir), tokenizer_dir, target, quant=quant, workload=wl,
+                       build=flow.times_build, **flow.profile_emit)
+        art = {"ours": Path(ours_dir)}
+        seconds = None
+        if flow.name in STANDARD:
+            art["std"], seconds = standard_artifact(flow, hf_plan, tokenizer_dir, quant, Path(tmp), keep)
+        runs: dict[str, list[dict]] = {}
+        for who in ORDER:
+            if who in art:
+                runs.setdefault(who, []).append(time_artifact(art[who], timed[who], wl, threads=threads))
+    out = {}
+    for who, records in runs.items():
+        medians = [r["median"] for r in records]
+        out[who] = {**records[0], "median": sum(medians) / len(medians), "medians": medians,
+                    "noisy": any(r["noisy"] for r in records),
+                    "other_load": max(r["other_load"] or 0 for r in records)}
+    if "std" in out:
+        out["std"]["convert_s"] = seconds
+    return out["ours"], out.get("std")
 
 
 def main() -> None:
@@ -263,7 +287,6 @@ def main() -> None:
     from amoeba_export.flows import FLOWS, get_flow
     from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time
-    from profilers.profile import measure_shape
     from profilers.timing import environment
     from profilers.workload import Workload
     from targets import load_target
@@ -297,27 +320,18 @@ def main() -> None:
         half = min(space, key=lambda s: abs(plans[s].parameters() - full / 2))
         for shape in (dense_shape, half):
             fmt = quant or str(plans[shape].dtype).removeprefix("torch.")
-            print(f"{name} {shape} ({fmt}): ours ...", flush=True)
+            print(f"{name} {shape} ({fmt}): ours and {TOOL.get(name, 'no standard tool')} ...", flush=True)
             try:
-                ours = measure_shape(plans[shape], flow, wl, elastic.dir, quant=quant,
-                                     threads=args.threads)
+                ours, std = time_pair(flow, plans[shape], hf_plans[shape], wl, elastic.dir, quant, args.threads,
+                                      target, args.keep)
             except Exception as e:  # one flow's failure must not cost the other rows of the run
                 traceback.print_exc()
-                missing.append(f"{name} {shape}: ours failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                missing.append(f"{name} {shape}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
                 continue
-            std, note = None, ""
-            if name not in STANDARD:
-                note = NO_STANDARD.get(name, "no standard tool")
-            else:
-                print(f"{name} {shape}: standard ({TOOL[name]}) ...", flush=True)
-                try:
-                    std = time_standard(flow, hf_plans[shape], wl, elastic.dir, quant, args.threads, args.keep)
-                    note = f"convert {std['convert_s']:.0f} s" if std["convert_s"] else ""
-                    if name == "pytorch" and shape == dense_shape:
-                        note = "the same HF dir as ours, timed again"
-                except Exception as e:  # as above: reported in the table, the run goes on
-                    note = f"failed: {str(e).splitlines()[0][:80]}"
-                    print(f"  standard failed: {e}", flush=True)
+            note = NO_STANDARD.get(name, "no standard tool") if std is None else (
+                f"convert {std['convert_s']:.0f} s" if std["convert_s"] else "")
+            if name == "pytorch" and shape == dense_shape:
+                note = "the same HF dir as ours, timed again"
             rows.append((name, fmt, str(shape), plans[shape].parameters(), ours,
                          hf_plans[shape].parameters() if std else None, std, note))
     load_after = environment(args.threads)["loadavg"]
@@ -331,6 +345,9 @@ def main() -> None:
         if noisy:
             busy = max((t or {}).get("other_load") or 0 for t in (ours, std))
             note = "; ".join(n for n in (note, f"noisy: {','.join(noisy)} (other load {busy:.1f} CPUs)") if n)
+        pairs = [f"{who} {'/'.join(format_time(m) for m in t['medians'])}" for who, t in (("ours", ours), ("std", std))
+                 if t]
+        note = "; ".join(n for n in (note, "early/late medians: " + ", ".join(pairs)) if n)
         std_p = f"{std_params / 1e6:.1f}M" if std else "-"
         std_t = format_time(std["median"]) if std else "-"
         ratio = f"{ours['median'] / std['median']:.2f}" if std else "-"
