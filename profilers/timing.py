@@ -385,14 +385,16 @@ def _jetson() -> dict | None:
 
 def load_snapshot() -> tuple | None:
     """All CPUs' busy and total jiffies (/proc/stat) and this process's CPU seconds, now; None where
-    /proc/stat is not readable. Two snapshots give the other processes' load between them."""
+    /proc/stat is not readable. Two snapshots give the other processes' load between them. The CPU
+    seconds include the children this process has waited for: a runtime that runs in a subprocess
+    (vLLM's runner) is this measurement's own work, not another process's."""
     try:
         fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
     except (OSError, IndexError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
     own = os.times()
-    return sum(fields) - idle, sum(fields), own.user + own.system, own.elapsed
+    return sum(fields) - idle, sum(fields), own.user + own.system + own.children_user + own.children_system, own.elapsed
 
 
 def other_load(since: tuple | None, until: tuple | None = None) -> float | None:
