@@ -46,7 +46,7 @@ except ModuleNotFoundError:  # Python 3.10
 from amoeba_export.errors import UserError
 
 HERE = Path(__file__).parent
-FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc")
+FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "executorch")
 KINDS = ("gpu", "cpu")
 CONFIDENCE = ("datasheet", "derived", "belief", "measured", "assumed")
 REQUIRED = (  # dotted key, type(s)
@@ -65,6 +65,8 @@ HOST_FLOWS = {
              "runtime": "onnxruntime CPU"},
     "gguf": {"dtype": "Q8_0", "efficiency": 0.7, "efficiency_source": "assumed",
              "runtime": "llama.cpp CPU (llama-cpp-python)"},
+    "executorch": {"dtype": "float32", "efficiency": 0.5, "efficiency_source": "assumed",
+                   "runtime": "ExecuTorch XNNPACK delegate (Python runtime)"},
 }
 
 
