@@ -106,10 +106,11 @@ def open(out_dir: Path, workload: Workload, threads: int | None = None, seed: in
     if workload.batch != config["batch_size"]:
         raise UserError(f"{out_dir}: the ExecuTorch program runs batch {config['batch_size']}, the workload asks for "
                         f"{workload.batch}: export with --batch {workload.batch}")
-    need = workload.prompt_len + 1
-    if need > config["max_cache_len"]:
-        raise UserError(f"workload {workload.key()} needs {need} positions but the ExecuTorch program's KV cache "
-                        f"holds {config['max_cache_len']}: export with this workload")
+    # the workload's own metrics must fit the cache (a decode past it is refused by CacheSteps.run)
+    _, longest = workload.timed(None, None, "")
+    if longest > config["max_cache_len"]:
+        raise UserError(f"workload {workload.key()} needs {longest} positions but the ExecuTorch program's KV cache "
+                        f"holds {config['max_cache_len']}: export it with this workload")
     n = resolve_threads(threads)
     steps = CacheSteps(method(out_dir, n), config["max_cache_len"])
     ids = torch.from_numpy(workload.prompt_ids(config["vocab_size"], seed))

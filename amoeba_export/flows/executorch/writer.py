@@ -28,7 +28,7 @@ from ...shared_types import DenseModel, FlowCaps, Workload
 from ..base import Emitted
 
 NAME = "executorch"
-# float16 lowers but XNNPACK's half kernels accumulate in half: see docs/flow-executorch.md
+# float16 lowers and runs too, but is not offered yet (docs/flow-executorch.md §6)
 CAPS = FlowCaps(per_layer=True, o_down_bias=True, quants=("float32",))
 MODEL_FILE = "model.pte"
 CONFIG_FILE = "executorch_config.json"
