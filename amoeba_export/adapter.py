@@ -37,7 +37,12 @@ def weight_name(layer: int, proj: str) -> str:
 
 def projection_shape(info: dict, proj: str) -> tuple[int, int]:
     """(out_features, in_features) of a projection of the base model described by `info`."""
-    h, q, kv, ff = info["hidden_size"], info["n_heads"] * info["head_dim"], info["n_kv_heads"] * info["head_dim"], info["n_ff"]
+    h, q, kv, ff = (
+        info["hidden_size"],
+        info["n_heads"] * info["head_dim"],
+        info["n_kv_heads"] * info["head_dim"],
+        info["n_ff"],
+    )
     return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
             "gate_proj": (ff, h), "up_proj": (ff, h), "down_proj": (h, ff)}[proj]
 
@@ -111,7 +116,9 @@ class LoRA(Adapter):
 
     def check_model(self, info: dict) -> None:
         for (layer, proj), d in sorted(self.deltas.items()):
-            check_factors(info, layer, proj, d.A.shape, d.B.shape, (f"layer {layer} {proj} A", f"layer {layer} {proj} B"))
+            check_factors(
+                info, layer, proj, d.A.shape, d.B.shape, (f"layer {layer} {proj} A", f"layer {layer} {proj} B")
+            )
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -158,7 +165,9 @@ def resolve_adapter_dir(path: str | Path) -> Path:
         for candidate in (newest / "adapter_model", newest):
             if (candidate / "adapter_config.json").is_file():
                 return candidate
-        raise UserError(f"{newest} has no adapter_config.json (looked in {newest.name}/adapter_model and {newest.name})")
+        raise UserError(
+            f"{newest} has no adapter_config.json (looked in {newest.name}/adapter_model and {newest.name})"
+        )
     raise UserError(f"{path} holds no adapter: expected adapter.json (amoeba-export SMOL), adapter_config.json "
                     "(PEFT LoRA), or checkpoint-N/adapter_model/ (upstream AmoebaLLM)")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,12 +61,15 @@ def parity_lines(p: dict) -> None:
 def adapter_line(rec: dict) -> str:
     if rec.get("kind") == "smol":
         gate = ", ".join(f"{e}: {rec['gate'][e]:.3f}" for e in rec["experts"])
-        return f"adapter: SMOL, deterministic gate over experts {{{gate}}} of {rec['n_experts']}, merged (scale {rec['scale']:g})"
+        return (f"adapter: SMOL, deterministic gate over experts {{{gate}}} of {rec['n_experts']}, merged "
+                f"(scale {rec['scale']:g})")
     return f"adapter: {rec.get('kind')} ({rec.get('projections')} projections) merged"
 
 
 def engine_line(e: dict) -> str:
-    return f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (f" ({e['skipped']})" if e.get("skipped") else "")
+    return f"engine: {', '.join(e.get('built') or []) or 'nothing built'}" + (
+        f" ({e['skipped']})" if e.get("skipped") else ""
+    )
 
 
 WORKLOAD = [
@@ -93,23 +97,40 @@ def workload_options(f):
 
 def artifact_options(f):
     """How the artifact is written: dtype or quantisation, and how legalize fits the shape to the flow."""
-    f = click.option("--strict", is_flag=True, help="Refuse to drop o_proj/down_proj biases the flow cannot express.")(f)
+    f = click.option("--strict", is_flag=True, help="Refuse to drop o_proj/down_proj biases the flow cannot express.")(
+        f
+    )
     f = click.option("--layout", type=click.Choice(["auto", "native", "pad", "uniform"]), default="auto",
                      show_default=True, help="native: per-layer sizes as calibrated; pad: exact zero-padding to one "
                      "size per layer; uniform: re-select one size per layer (FLAP); auto: the best exact option "
                      "the flow allows.")(f)
-    f = click.option("--dtype", default=None, metavar="DTYPE",
-                     help="float32, float16, bfloat16, or the flow's format (gguf: q8_0, q4_k_m, ...; mlc: q4f16_1, q0f16; trtllm: int4_awq); "
-                     "default: the target's for the flow.")(f)
+    f = click.option(
+        "--dtype",
+        default=None,
+        metavar="DTYPE",
+        help="float32, float16, bfloat16, or the flow's format (gguf: q8_0, q4_k_m, ...; mlc: q4f16_1, q0f16; "
+             "trtllm: int4_awq); "
+        "default: the target's for the flow.",
+    )(f)
     return f
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--target", default=None, help="Device: host, or a name from targets/ (see `amoeba-export targets`).")
-@click.option("--flow", default=None, help="Inference flow: pytorch, onnx, gguf, trtllm, mlc (trtllm and mlc are built and timed on the device).")
-@click.option("--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT).")
+@click.option(
+    "--flow",
+    default=None,
+    help="Inference flow: pytorch, onnx, gguf, trtllm, mlc, vllm, executorch, openvino "
+    "(default: the target's default flow, e.g. vllm on datacenter GPUs; trtllm and mlc are built and timed on "
+    "the device; docs/flows.md).",
+)
+@click.option(
+    "--budget", default=None, metavar="TIME", help="Latency budget with a unit, e.g. 30ms (of --metric; default TPOT)."
+)
 @click.option("--memory", default=None, metavar="BYTES", help="Memory budget for weights plus KV cache, e.g. 6GiB.")
-@click.option("--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75.")
+@click.option(
+    "--shape", "shape_text", default=None, metavar="DxW", help="Export this shape instead of searching, e.g. 24x0.75."
+)
 @click.option("--out", default=None, metavar="DIR", help="Artifact directory (written atomically).")
 @FORCE
 @artifact_options
@@ -138,7 +159,7 @@ def cli(ctx, **opts):
     if ctx.invoked_subcommand is not None:
         return
     o = SimpleNamespace(**opts)
-    missing = [n for n, v in (("--target", o.target), ("--flow", o.flow)) if v is None]
+    missing = ["--target"] if o.target is None else []
     if o.shape_text is None and o.budget is None:
         missing.append("--budget (or --shape)")
     if missing:
@@ -159,20 +180,25 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
 
     from .adapter import resolve_adapter_dir
     from .elastic import load_elastic
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .io import check_destination, output_lock
     from .manifest import is_artifact
     from .search import parse_bytes, parse_time
 
-    target, flow, out, metric, dry_run, as_json = o.target, o.flow, o.out, o.metric, o.dry_run, o.as_json
+    target, out, metric, dry_run, as_json = o.target, o.out, o.metric, o.dry_run, o.as_json
     shape = Shape.parse(o.shape_text) if o.shape_text is not None else None
     budget_s = parse_time(o.budget) if o.budget is not None else None
     memory_budget = parse_bytes(o.memory) if o.memory is not None else None
     tgt = load_target(target)
-    get_exporter(flow)
+    if o.flow is None and tgt.get("default_flow") is None:
+        raise UserError(f"missing --flow: target {target!r} has no default flow; choose one of "
+                        f"{', '.join(tgt['flows'])}")
+    flow = get_flow(o.flow or tgt["default_flow"])  # the one place the name is resolved
     elastic, sdir = load_elastic(o.model, o.strategy_dir, o.adapter_path, o.allow_other_weights,
                                  resolve_compute(o.device, o.compute_dtype))
-    adapter_dir = resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None  # what the manifest hashes
+    adapter_dir = (
+        resolve_adapter_dir(o.adapter_path) if o.adapter_path is not None else None
+    )  # what the manifest hashes
     if out is not None and not dry_run:  # refused before any work, and held against a second run until done
         check_destination(Path(out), ours=is_artifact, force=o.force, protect=(elastic.dir, sdir, adapter_dir))
         stack.enter_context(output_lock(Path(out)))
@@ -183,22 +209,53 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
         from .pipeline import compile_budget
         from .search import format_time
 
-        summary = compile_budget(elastic, tgt, flow, wl, budget_s, out, memory_budget=memory_budget, dtype=o.dtype,
-                                 threads=o.threads, dry_run=dry_run, check=not o.no_verify, strategy_dir=sdir,
-                                 adapter_dir=adapter_dir, layout=o.layout, strict=o.strict, build=not o.no_build, notice=note,
-                                 force=o.force, accept_parity_loss=o.accept_parity_loss, tables=o.tables,
-                                 feedback=not o.no_feedback)
+        summary = compile_budget(
+            elastic,
+            tgt,
+            flow,
+            wl,
+            budget_s,
+            out,
+            memory_budget=memory_budget,
+            dtype=o.dtype,
+            threads=o.threads,
+            dry_run=dry_run,
+            check=not o.no_verify,
+            strategy_dir=sdir,
+            adapter_dir=adapter_dir,
+            layout=o.layout,
+            strict=o.strict,
+            build=not o.no_build,
+            notice=note,
+            force=o.force,
+            accept_parity_loss=o.accept_parity_loss,
+            tables=o.tables,
+            feedback=not o.no_feedback,
+        )
         if as_json:
             click.echo(json.dumps(summary, indent=2, sort_keys=True))
             return
         meas = summary["measured_latency_s"]
-        click.echo(table([{
-            "target": target, "flow": flow, "shape": summary["shape"], "params": f"{summary['parameters'] / 1e6:.1f}M",
-            f"{metric} predicted": format_time(summary["predicted_latency_s"]),
-            f"{metric} measured": format_time(meas) if meas else "-", "budget": format_time(budget_s),
-            "table": summary["table_source"],
-        }], ["target", "flow", "shape", "params", f"{metric} predicted", f"{metric} measured", "budget", "table"]))
-        click.echo(f"Pareto front ({len(summary['search']['pareto'])} shapes): {', '.join(summary['search']['pareto'])}")
+        click.echo(
+            table(
+                [
+                    {
+                        "target": target,
+                        "flow": flow.name,
+                        "shape": summary["shape"],
+                        "params": f"{summary['parameters'] / 1e6:.1f}M",
+                        f"{metric} predicted": format_time(summary["predicted_latency_s"]),
+                        f"{metric} measured": format_time(meas) if meas else "-",
+                        "budget": format_time(budget_s),
+                        "table": summary["table_source"],
+                    }
+                ],
+                ["target", "flow", "shape", "params", f"{metric} predicted", f"{metric} measured", "budget", "table"],
+            )
+        )
+        click.echo(
+            f"Pareto front ({len(summary['search']['pareto'])} shapes): {', '.join(summary['search']['pareto'])}"
+        )
         for w in summary.get("measure_warnings") or []:
             note(w)
         if summary.get("legalize"):
@@ -215,19 +272,43 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
     from .pipeline import compile_shape
 
     out = Path(out or f"out/{target}-{flow}-{elastic.strategy.resolve(shape)}")
-    res = compile_shape(elastic, shape, flow, tgt, out, dtype=o.dtype, check=not o.no_verify, strategy_dir=sdir,
-                        adapter_dir=adapter_dir, layout=o.layout, strict=o.strict, build=not o.no_build, workload=wl, force=o.force,
-                        accept_parity_loss=o.accept_parity_loss)
+    res = compile_shape(
+        elastic,
+        shape,
+        flow,
+        tgt,
+        out,
+        dtype=o.dtype,
+        check=not o.no_verify,
+        strategy_dir=sdir,
+        adapter_dir=adapter_dir,
+        layout=o.layout,
+        strict=o.strict,
+        build=not o.no_build,
+        workload=wl,
+        force=o.force,
+        accept_parity_loss=o.accept_parity_loss,
+    )
     m = res.manifest
-    summary = {"out": str(res.out), "target": target, "flow": flow, "shape": m["shape"], "parameters": m["parameters"],
-               "uniform": m["uniform"], "dtype": m["dtype"], "parity": m["parity"], "legalize": m["legalize"],
-               "engine": m["engine"], "adapter": m["materialize"].get("adapter")}
+    summary = {
+        "out": str(res.out),
+        "target": target,
+        "flow": flow.name,
+        "shape": m["shape"],
+        "parameters": m["parameters"],
+        "uniform": m["uniform"],
+        "dtype": m["dtype"],
+        "parity": m["parity"],
+        "legalize": m["legalize"],
+        "engine": m["engine"],
+        "adapter": m["materialize"].get("adapter"),
+    }
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
     p = m["parity"] or {}
     click.echo(table([{
-        "target": target, "flow": flow, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
+        "target": target, "flow": flow.name, "shape": m["shape"], "params": f"{m['parameters'] / 1e6:.1f}M",
         "dtype": m["dtype"], "layout": f"{m['legalize']['layout']} ({'uniform' if m['uniform'] else 'per-layer'})",
         "max|Δlogit|": f"{p['max_abs_logit_diff']:.2e}" if p else "skipped",
         "greedy agree": f"{p['greedy_token_agreement'] * 100:.0f}%" if p else "-",
@@ -259,20 +340,36 @@ def _compile(stack: contextlib.ExitStack, o: SimpleNamespace) -> None:
 @artifact_options
 @OTHER_WEIGHTS
 @TABLES
-def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flow, threads, n_validate, measure_all, passes,
-            dtype, layout, strict, allow_other_weights, tables):
+def profile(
+    model,
+    strategy_dir,
+    metric,
+    batch,
+    prompt_len,
+    gen_len,
+    target,
+    flow,
+    threads,
+    n_validate,
+    measure_all,
+    passes,
+    dtype,
+    layout,
+    strict,
+    allow_other_weights,
+    tables,
+):
     """Measure a latency table on this machine (resumable) into the user's tables folder (or --tables)."""
-    from targets import load_target
-
     from profilers.profile import profile_table
     from profilers.workload import Workload
+    from targets import load_target
 
     from .elastic import load_elastic
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .pipeline import legal_plans
     from .search import format_time
 
-    get_exporter(flow)
+    flow = get_flow(flow)  # the one place the name is resolved
     tgt = load_target(target)
     elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights)
     plans = legal_plans(elastic, flow, tgt, dtype=dtype, layout=layout, strict=strict)
@@ -280,10 +377,21 @@ def profile(model, strategy_dir, metric, batch, prompt_len, gen_len, target, flo
                               threads=threads, n_validate=n_validate, measure_all=measure_all, plans=plans.shapes,
                               quant=plans.quant, variant=plans.variant, root=tables, notice=note, passes=passes)
     v = tbl.validation
-    click.echo(table([{"shape": k, "predicted": format_time(e["predicted"]),
-                       "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",
-                       "error": f"{(e['predicted'] / e['measured']['median'] - 1) * 100:+.1f}%" if "measured" in e else ""}
-                      for k, e in tbl.entries.items() if "measured" in e], ["shape", "predicted", "measured", "error"]))
+    click.echo(
+        table(
+            [
+                {
+                    "shape": k,
+                    "predicted": format_time(e["predicted"]),
+                    "measured": format_time(e["measured"]["median"]) if "measured" in e else "-",
+                    "error": f"{(e['predicted'] / e['measured']['median'] - 1) * 100:+.1f}%" if "measured" in e else "",
+                }
+                for k, e in tbl.entries.items()
+                if "measured" in e
+            ],
+            ["shape", "predicted", "measured", "error"],
+        )
+    )
     click.echo(f"fit on {len(tbl.component['fit_shapes'])} shapes; validation on {v['n']}: median |error| "
                f"{v['median_abs_rel_error'] * 100:.1f}%, within ±10%: {v['within_10pct'] * 100:.0f}%")
     click.echo(f"wrote {path}")
@@ -315,31 +423,65 @@ def shapes(model, strategy_dir, as_json, dtype, allow_other_weights):
         click.echo(json.dumps(rows, indent=2))
         return
     full = max(r["parameters"] for r in rows)
-    click.echo(table([{
-        "shape": r["shape"], "params": f"{r['parameters'] / 1e6:.1f}M", "ratio": f"{r['parameters'] / full:.2f}",
-        "MB": f"{r['bytes'] / 1e6:.0f}", "heads": sum(l["n_heads"] for l in r["layers"]),
-        "mlp ch": sum(l["n_ff"] for l in r["layers"]), "uniform": "yes" if r["uniform"] else "no",
-        "per-layer heads/kv/ff": " ".join(f"{l['n_heads']}/{l['n_kv_heads']}/{l['n_ff']}" for l in r["layers"][:4]) + (" …" if len(r["layers"]) > 4 else ""),
-    } for r in rows], ["shape", "params", "ratio", "MB", "heads", "mlp ch", "uniform", "per-layer heads/kv/ff"]))
+    click.echo(
+        table(
+            [
+                {
+                    "shape": r["shape"],
+                    "params": f"{r['parameters'] / 1e6:.1f}M",
+                    "ratio": f"{r['parameters'] / full:.2f}",
+                    "MB": f"{r['bytes'] / 1e6:.0f}",
+                    "heads": sum(l["n_heads"] for l in r["layers"]),
+                    "mlp ch": sum(l["n_ff"] for l in r["layers"]),
+                    "uniform": "yes" if r["uniform"] else "no",
+                    "per-layer heads/kv/ff": " ".join(
+                        f"{l['n_heads']}/{l['n_kv_heads']}/{l['n_ff']}" for l in r["layers"][:4]
+                    )
+                    + (" …" if len(r["layers"]) > 4 else ""),
+                }
+                for r in rows
+            ],
+            ["shape", "params", "ratio", "MB", "heads", "mlp ch", "uniform", "per-layer heads/kv/ff"],
+        )
+    )
 
 
 @cli.command()
 @MODEL
-@click.option("--out", default=None, metavar="DIR", help="Strategy directory (default: the cache, keyed by model fingerprint).")
+@click.option(
+    "--out", default=None, metavar="DIR", help="Strategy directory (default: the cache, keyed by model fingerprint)."
+)
 @FORCE
-@click.option("--min-depth", type=int, default=None, help="Smallest depth (default: 62.5% of the layers, as AmoebaLLM's 20/32).")
-@click.option("--keep-last", type=click.IntRange(min=0), default=1, show_default=True, help="Trailing layers always kept.")
-@click.option("--widths", default="1,0.875,0.75,0.625,0.5", show_default=True, help="Width ratios (fractions of decoder linear parameters kept).")
+@click.option(
+    "--min-depth", type=int, default=None, help="Smallest depth (default: 62.5% of the layers, as AmoebaLLM's 20/32)."
+)
+@click.option(
+    "--keep-last", type=click.IntRange(min=0), default=1, show_default=True, help="Trailing layers always kept."
+)
+@click.option(
+    "--widths",
+    default="1,0.875,0.75,0.625,0.5",
+    show_default=True,
+    help="Width ratios (fractions of decoder linear parameters kept).",
+)
 @click.option("--policy", type=click.Choice(["flap", "uniform"]), default="flap", show_default=True,
               help="flap: per-layer sizes (global FLAP selection); uniform: the same sizes in every layer.")
 @click.option("--head-unit", type=click.Choice(["query", "group"]), default="query", show_default=True,
               help="GQA pruning unit: a query head, or a whole KV group.")
-@click.option("--align", type=POSITIVE, default=32, show_default=True, help="uniform policy: round MLP widths to this multiple.")
+@click.option(
+    "--align", type=POSITIVE, default=32, show_default=True, help="uniform policy: round MLP widths to this multiple."
+)
 @click.option("--depth-metric", type=click.Choice(["ppl", "acc"]), default="ppl", show_default=True,
               help="DP metric: calibration perplexity, or multiple-choice accuracy (ARC-Easy).")
-@click.option("--calib", default="lambada", show_default=True, help="Calibration text: lambada, squad, or a .txt/.jsonl file.")
-@click.option("--depth-samples", type=POSITIVE, default=8, show_default=True, help="Calibration windows for the depth DP.")
-@click.option("--width-samples", type=POSITIVE, default=128, show_default=True, help="Calibration windows for FLAP statistics.")
+@click.option(
+    "--calib", default="lambada", show_default=True, help="Calibration text: lambada, squad, or a .txt/.jsonl file."
+)
+@click.option(
+    "--depth-samples", type=POSITIVE, default=8, show_default=True, help="Calibration windows for the depth DP."
+)
+@click.option(
+    "--width-samples", type=POSITIVE, default=128, show_default=True, help="Calibration windows for FLAP statistics."
+)
 @click.option("--seq-len", type=POSITIVE, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @compute_options
@@ -358,11 +500,31 @@ def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit
     if not distributed.group().main:
         return
     meta = strategy.meta
-    click.echo(table([{"depth": d, "removed layers": ",".join(str(i) for i in sorted(set(range(strategy.model["n_layers"])) - set(ls))) or "-",
-                       f"calib {cfg.depth_metric}": f"{meta['depth_metric'][str(d)]:.3f}" if str(d) in meta["depth_metric"] else "-"}
-                      for d, ls in sorted(strategy.depths.items(), reverse=True)], ["depth", "removed layers", f"calib {cfg.depth_metric}"]))
-    click.echo(table([{"width": w, "kept parameters": f"{meta['kept_fraction'][str(w)]:.3f}"} for w in sorted(strategy.widths, reverse=True)],
-                     ["width", "kept parameters"]))
+    click.echo(
+        table(
+            [
+                {
+                    "depth": d,
+                    "removed layers": ",".join(str(i) for i in sorted(set(range(strategy.model["n_layers"])) - set(ls)))
+                    or "-",
+                    f"calib {cfg.depth_metric}": f"{meta['depth_metric'][str(d)]:.3f}"
+                    if str(d) in meta["depth_metric"]
+                    else "-",
+                }
+                for d, ls in sorted(strategy.depths.items(), reverse=True)
+            ],
+            ["depth", "removed layers", f"calib {cfg.depth_metric}"],
+        )
+    )
+    click.echo(
+        table(
+            [
+                {"width": w, "kept parameters": f"{meta['kept_fraction'][str(w)]:.3f}"}
+                for w in sorted(strategy.widths, reverse=True)
+            ],
+            ["width", "kept parameters"],
+        )
+    )
     click.echo(f"wrote strategy {out_dir} ({meta['seconds']:.0f} s)")
 
 
@@ -373,7 +535,9 @@ def calibrate(model, out, force, min_depth, keep_last, widths, policy, head_unit
 @click.option("--heldout", default=None, help="Held-out text: boolq (default), lambada, squad, or a .txt/.jsonl file.")
 @click.option("--windows", type=POSITIVE, default=None, help="Perplexity windows (default: EvalConfig's, 8).")
 @click.option("--seq-len", type=POSITIVE, default=None, help="Tokens per window (default 512).")
-@click.option("--tasks", default=None, help="Multiple-choice tasks, comma-separated, '' for none (default arc_easy,piqa).")
+@click.option(
+    "--tasks", default=None, help="Multiple-choice tasks, comma-separated, '' for none (default arc_easy,piqa)."
+)
 @click.option("--mc-limit", type=POSITIVE, default=None, help="Items per task (default 50).")
 @click.option("--seed", type=int, default=None)
 @OTHER_WEIGHTS
@@ -391,8 +555,12 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
     cfg = EvalConfig(**{k: v for k, v in given.items() if v is not None})
     elastic, sdir = load_elastic(model, strategy_dir, adapter_path, allow_other_weights,
                                  resolve_compute(device, compute_dtype))
-    out = default_path(sdir, cfg, adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None,
-                       elastic.info["fingerprint"] if "strategy" in elastic.other_weights else None)
+    out = default_path(
+        sdir,
+        cfg,
+        adapter_fingerprint(resolve_adapter_dir(adapter_path)) if adapter_path is not None else None,
+        elastic.info["fingerprint"] if "strategy" in elastic.other_weights else None,
+    )
     t = score_shapes(elastic, list(elastic.strategy.space), cfg, out, strategy_dir=sdir)
     if not distributed.group().main:  # one process of a launch: rank 0 reports
         return
@@ -406,29 +574,46 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @cli.command()
 @MODEL
 @STRATEGY
-@click.option("--out", required=True, metavar="DIR", help="Run directory: checkpoints, adapter/, train_log.jsonl, eval.json.")
-@click.option("--data", default="instruct", show_default=True,
-              help="Instruction pairs: instruct (= gsm8k,math,mbpp,squad, bundled) and/or Alpaca .jsonl/.json files, comma-separated.")
+@click.option(
+    "--out", required=True, metavar="DIR", help="Run directory: checkpoints, adapter/, train_log.jsonl, eval.json."
+)
+@click.option(
+    "--data",
+    default="instruct",
+    show_default=True,
+    help="Instruction pairs: instruct (= gsm8k,math,mbpp,squad, bundled) and/or Alpaca .jsonl/.json files, "
+         "comma-separated.",
+)
 @click.option("--steps", type=int, default=10000, show_default=True, help="Optimizer steps.")
 @click.option("--batch", type=int, default=2, show_default=True, help="Packed rows per micro-batch per process.")
 @click.option("--grad-accum", type=int, default=4, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per packed row.")
 @click.option("--lr", type=float, default=2e-4, show_default=True)
 @click.option("--max-grad-norm", type=float, default=0.3, show_default=True)
-@click.option("--adapter-kind", "kind", type=click.Choice(["smol", "lora"]), default="smol", show_default=True,
-              help="smol: mixture of LoRA experts routed by shape; lora: one plain LoRA for every shape (the ablation).")
+@click.option(
+    "--adapter-kind",
+    "kind",
+    type=click.Choice(["smol", "lora"]),
+    default="smol",
+    show_default=True,
+    help="smol: mixture of LoRA experts routed by shape; lora: one plain LoRA for every shape (the ablation).",
+)
 @click.option("--rank", type=int, default=64, show_default=True)
 @click.option("--alpha", type=float, default=16.0, show_default=True)
 @click.option("--experts", type=int, default=5, show_default=True)
 @click.option("--top-k", type=int, default=2, show_default=True)
 @click.option("--targets", "target_projs", default="q,k,v,o,gate,up,down", show_default=True,
               help="Adapted projections.")
-@click.option("--random-subnets", type=int, default=2, show_default=True, help="Random shapes between the largest and smallest.")
+@click.option(
+    "--random-subnets", type=int, default=2, show_default=True, help="Random shapes between the largest and smallest."
+)
 @click.option("--no-balancing", is_flag=True, help="Turn loss-magnitude balancing off (the ablation).")
 @click.option("--schedule", type=click.Choice(["sandwich", "mlfs"]), default="sandwich", show_default=True,
               help="mlfs: release shapes to training in stages, largest first (multistage low-rank fine-tuning).")
 @click.option("--stages", type=int, default=3, show_default=True, help="MLFS stages.")
-@click.option("--heldout", "heldout_fraction", type=float, default=0.02, show_default=True, help="Fraction of pairs held out.")
+@click.option(
+    "--heldout", "heldout_fraction", type=float, default=0.02, show_default=True, help="Fraction of pairs held out."
+)
 @click.option("--eval-pairs", type=int, default=32, show_default=True,
               help="Held-out pairs every shape is scored on before and after training (0: none).")
 @click.option("--eval-before/--no-eval-before", default=True, show_default=True,
@@ -441,9 +626,40 @@ def score(model, strategy_dir, adapter_path, heldout, windows, seq_len, tasks, m
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: torch's).")
 @OTHER_WEIGHTS
 @compute_options
-def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr, max_grad_norm, kind, rank, alpha, experts,
-          top_k, target_projs, random_subnets, no_balancing, schedule, stages, heldout_fraction, eval_pairs, eval_before, save_every, keep,
-          max_minutes, resume, seed, threads, allow_other_weights, device, compute_dtype):
+def train(
+    model,
+    strategy_dir,
+    out,
+    data,
+    steps,
+    batch,
+    grad_accum,
+    seq_len,
+    lr,
+    max_grad_norm,
+    kind,
+    rank,
+    alpha,
+    experts,
+    top_k,
+    target_projs,
+    random_subnets,
+    no_balancing,
+    schedule,
+    stages,
+    heldout_fraction,
+    eval_pairs,
+    eval_before,
+    save_every,
+    keep,
+    max_minutes,
+    resume,
+    seed,
+    threads,
+    allow_other_weights,
+    device,
+    compute_dtype,
+):
     """Stage-2 one-for-all fine-tuning: SMOL adapters, sandwich sampling, in-place distillation with
     loss-magnitude balancing (resumable; `accelerate launch -m amoeba_export.cli train ...` for several GPUs)."""
     import torch
@@ -454,12 +670,35 @@ def train(model, strategy_dir, out, data, steps, batch, grad_accum, seq_len, lr,
 
     if threads is not None:
         torch.set_num_threads(resolve_threads(threads))
-    projs = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip())
-    cfg = TrainConfig(data=data, heldout_fraction=heldout_fraction, eval_pairs=eval_pairs, eval_before=eval_before,
-                      seq_len=seq_len, batch=batch, grad_accum=grad_accum, steps=steps, lr=lr, max_grad_norm=max_grad_norm,
-                      random_subnets=random_subnets, balancing=not no_balancing, adapter=kind, rank=rank, alpha=alpha,
-                      experts=experts, top_k=top_k, targets=projs, schedule=schedule, stages=stages, seed=seed,
-                      save_every=save_every, keep=keep, max_minutes=max_minutes)
+    projs = tuple(
+        t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj" for t in target_projs.split(",") if t.strip()
+    )
+    cfg = TrainConfig(
+        data=data,
+        heldout_fraction=heldout_fraction,
+        eval_pairs=eval_pairs,
+        eval_before=eval_before,
+        seq_len=seq_len,
+        batch=batch,
+        grad_accum=grad_accum,
+        steps=steps,
+        lr=lr,
+        max_grad_norm=max_grad_norm,
+        random_subnets=random_subnets,
+        balancing=not no_balancing,
+        adapter=kind,
+        rank=rank,
+        alpha=alpha,
+        experts=experts,
+        top_k=top_k,
+        targets=projs,
+        schedule=schedule,
+        stages=stages,
+        seed=seed,
+        save_every=save_every,
+        keep=keep,
+        max_minutes=max_minutes,
+    )
     report = run(model, strategy_dir, cfg, Path(out), resume=resume, allow_other_weights=allow_other_weights,
                  compute=resolve_compute(device, compute_dtype))
     if not report:  # not the main process of a multi-process run
@@ -528,14 +767,20 @@ def import_checkpoint(checkpoint, npy, model, out, force, width_choice):
                f"{len(smol.experts)} projections)")
     if strategy.meta.get("dropped_widths"):
         note(f"dropped strategy widths {', '.join(strategy.meta['dropped_widths'])}: the router has no input for them")
-    click.echo(f"export a shape with: amoeba-export --target host --flow pytorch --shape "
-               f"{strategy.space.largest} --model {model or '(default)'} --strategy {out}/strategy --adapter {out}/adapter")
+    click.echo(
+        f"export a shape with: amoeba-export --target host --flow pytorch --shape "
+        f"{strategy.space.largest} --model {model or '(default)'} --strategy {out}/strategy --adapter {out}/adapter"
+    )
 
 
 @cli.command()
 @click.argument("matrix_file", metavar="FILE.toml", type=click.Path())
-@click.option("--out", "dist", default=None, metavar="DIR", help="Dist folder (default: the file's `dist`, else dist/).")
-@click.option("--runner", default=None, help="Only the rows of this runner (hosted, or a device label such as jetson-orin).")
+@click.option(
+    "--out", "dist", default=None, metavar="DIR", help="Dist folder (default: the file's `dist`, else dist/)."
+)
+@click.option(
+    "--runner", default=None, help="Only the rows of this runner (hosted, or a device label such as jetson-orin)."
+)
 @click.option("--only", default=None, metavar="NAME[,NAME]", help="Only these rows (by name).")
 @click.option("--no-build", is_flag=True, help="Skip engine builds (scripts are still written).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity checks.")
@@ -546,8 +791,22 @@ def import_checkpoint(checkpoint, npy, model, out, force, width_choice):
 @TABLES
 @JSON
 @compute_options
-def matrix(matrix_file, dist, runner, only, no_build, no_verify, force, model, strategy_dir, allow_other_weights, tables,
-           as_json, device, compute_dtype):
+def matrix(
+    matrix_file,
+    dist,
+    runner,
+    only,
+    no_build,
+    no_verify,
+    force,
+    model,
+    strategy_dir,
+    allow_other_weights,
+    tables,
+    as_json,
+    device,
+    compute_dtype,
+):
     """Build a list of (target, flow, budget) artifacts into a dist folder, with a summary table."""
     from . import matrix as mx
     from .elastic import load_elastic
@@ -559,7 +818,9 @@ def matrix(matrix_file, dist, runner, only, no_build, no_verify, force, model, s
         wanted = set(only.split(","))
         missing = wanted - {r.name for r in rows}
         if missing:
-            raise UserError(f"--only: no row named {', '.join(sorted(missing))} (rows: {', '.join(r.name for r in rows)})")
+            raise UserError(
+                f"--only: no row named {', '.join(sorted(missing))} (rows: {', '.join(r.name for r in rows)})"
+            )
         rows = [r for r in rows if r.name in wanted]
     if not rows:
         raise UserError(f"{matrix_file}: no rows{f' for runner {runner!r}' if runner else ''}")
@@ -597,6 +858,10 @@ def _close_progress() -> None:
 
 
 def main(argv=None) -> None:
+    # torchao (installed with ExecuTorch) warns on import that its CUDA kernels do not load on a CPU
+    # machine, and registers types torch's pytree calls deprecated: nothing here uses either
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         cli.main(args=argv, standalone_mode=False, prog_name="amoeba-export")
     except UserError as e:

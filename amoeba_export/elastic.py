@@ -23,7 +23,6 @@ from .adapter import PROJECTIONS, Adapter, module_path
 from .base_model import check_weights, model_info, read_config, resolve_model, weight_files
 from .compute import Compute
 from .errors import UserError
-from .io import read_json
 from .layerwise import LayerStack
 from .shapes import Shape
 from .strategy import LayerWidth, Strategy
@@ -69,8 +68,15 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
 
 
 class ElasticModel:
-    def __init__(self, model: str | Path | None = None, strategy: Strategy | None = None, adapter: Adapter | None = None,
-                 allow_other_weights: bool = False, compute: Compute | None = None, resident: bool | None = None):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        strategy: Strategy | None = None,
+        adapter: Adapter | None = None,
+        allow_other_weights: bool = False,
+        compute: Compute | None = None,
+        resident: bool | None = None,
+    ):
         self.dir = resolve_model(model)
         self.config = read_config(self.dir)
         self.info = model_info(self.dir)
@@ -196,7 +202,9 @@ class ElasticModel:
         return hooks
 
     @contextlib.contextmanager
-    def masked(self, layers: list[int] | None = None, width: list[LayerWidth] | None = None, shape: Shape | None = None):
+    def masked(
+        self, layers: list[int] | None = None, width: list[LayerWidth] | None = None, shape: Shape | None = None
+    ):
         """The whole HF model (`hf_model`) with only `layers` active, `width` masks and biases, and
         the adapter at `shape`: what training differentiates through."""
         model = self.hf_model()

@@ -368,7 +368,15 @@ def atomic_dir(dest: Path, *, ours: Callable[[Path], bool] | None = None, force:
                             "nothing was written") from None
 
 
-_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32", "uint8": "U8", "bool": "BOOL"}
+_ST_DTYPES = {
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def _st_dtype(dtype) -> str:
@@ -415,7 +423,9 @@ def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_b
             for name, shape, n in shard:
                 got_name, t = next(stream)
                 if got_name != name or tuple(t.shape) != shape or t.dtype != dtype:
-                    raise RuntimeError(f"tensor stream out of plan: got {got_name} {tuple(t.shape)} {t.dtype}, planned {name} {shape}")
+                    raise RuntimeError(
+                        f"tensor stream out of plan: got {got_name} {tuple(t.shape)} {t.dtype}, planned {name} {shape}"
+                    )
                 flat = t.reshape(-1)  # a view when t is contiguous: no copy
                 if flat.numel() and flat.stride(0) != 1:
                     flat = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)
@@ -423,5 +433,8 @@ def write_safetensors_stream(directory: Path, specs, tensors, dtype, max_shard_b
                     f.write(flat.view(torch.uint8).numpy().data)
         total += offset
     if len(names) > 1:
-        write_json(Path(directory) / f"{stem}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            Path(directory) / f"{stem}.safetensors.index.json",
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
     return names + ([f"{stem}.safetensors.index.json"] if len(names) > 1 else [])

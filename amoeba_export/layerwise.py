@@ -120,7 +120,9 @@ class LayerStack:
         return State(out[0] if isinstance(out, tuple) else out, s.positions, s.rope)
 
     @torch.inference_mode()
-    def run(self, states: list[State], layers, hooks: Callable[[int, torch.nn.Module], list] | None = None) -> list[State]:
+    def run(
+        self, states: list[State], layers, hooks: Callable[[int, torch.nn.Module], list] | None = None
+    ) -> list[State]:
         """`states` through `layers` in order, every batch through a layer before the next is read.
         `hooks(i, block)` registers what layer i needs (masks, biases, adapters) and returns the handles."""
         for i in layers:

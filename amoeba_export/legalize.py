@@ -8,7 +8,7 @@ runtime accepts in `CAPS`; this pass turns a shape into one the flow can load, a
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -93,13 +93,23 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
     stock = dense.uniform and (not caps.heads_divide_hidden or dense.hidden_size % dense.layers[0].n_heads == 0)
     if layout == "auto":
         layout = "native" if caps.per_layer or stock else "pad"
-        if not caps.o_down_bias and _carries_bias(dense) and not dense.uniform and perplexity is not None and _can_reselect(dense):
-            return _best_inexact(dense, caps, flow=flow, quant=quant, strict=strict, perplexity=perplexity, exact=layout)
+        if (
+            not caps.o_down_bias
+            and _carries_bias(dense)
+            and not dense.uniform
+            and perplexity is not None
+            and _can_reselect(dense)
+        ):
+            return _best_inexact(
+                dense, caps, flow=flow, quant=quant, strict=strict, perplexity=perplexity, exact=layout
+            )
     if layout == "native" and not (caps.per_layer or stock):
         why = ("has per-layer sizes" if not dense.uniform else
                f"has {dense.layers[0].n_heads} heads, which do not divide hidden size {dense.hidden_size}")
-        raise UserError(f"flow {flow!r} needs the same sizes in every layer (a stock model class) and shape "
-                        f"{dense.record.get('shape')} {why}: use --layout pad (exact) or --layout uniform (re-selected)")
+        raise UserError(
+            f"flow {flow!r} needs the same sizes in every layer (a stock model class) and shape "
+            f"{dense.record.get('shape')} {why}: use --layout pad (exact) or --layout uniform (re-selected)"
+        )
     before = dense.parameters()
     changes: list[str] = []
     reselected = None
@@ -240,7 +250,9 @@ def _drop_biases(dense: DenseModel, flow: str, strict: bool, perplexity) -> tupl
         raise UserError(f"flow {flow!r} cannot express the o_proj/down_proj compensation biases, and --strict "
                         "refuses to drop them: use a flow with biases, or drop --strict to drop them with the "
                         "perplexity change measured and reported")
-    plans = [replace(p, o_bias=np.zeros_like(p.o_bias), down_bias=np.zeros_like(p.down_bias)) for p in dense.source.plans]
+    plans = [
+        replace(p, o_bias=np.zeros_like(p.o_bias), down_bias=np.zeros_like(p.down_bias)) for p in dense.source.plans
+    ]
     specs = [replace(s, attn_bias=False, mlp_bias=False) for s in dense.layers]
     src = dense.source
     elastic = _derived(src.elastic, src.shape.width, {

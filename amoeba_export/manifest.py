@@ -46,7 +46,10 @@ def hash_inputs(paths: dict[str, Path | None]) -> dict:
             continue
         path = Path(path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        out[role] = {"path": str(path), "sha256": {str(f.relative_to(path) if path.is_dir() else f.name): input_sha256(f) for f in files}}
+        out[role] = {
+            "path": str(path),
+            "sha256": {str(f.relative_to(path) if path.is_dir() else f.name): input_sha256(f) for f in files},
+        }
     return out
 
 

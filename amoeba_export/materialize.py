@@ -67,7 +67,12 @@ class Slicing:
             o = self._merged(plan.source, "o_proj")
             yield dst + "self_attn.o_proj.weight", _gather(o, plan.q_heads, D, dim=1).to(dt)
             if spec.attn_bias:
-                yield dst + "self_attn.o_proj.bias", (_base_bias(w, src + "self_attn.o_proj.bias", dense.hidden_size) + torch.from_numpy(plan.o_bias)).to(dt)
+                yield (
+                    dst + "self_attn.o_proj.bias",
+                    (
+                        _base_bias(w, src + "self_attn.o_proj.bias", dense.hidden_size) + torch.from_numpy(plan.o_bias)
+                    ).to(dt),
+                )
             yield dst + "post_attention_layernorm.weight", w.get(src + "post_attention_layernorm.weight").to(dt)
             for proj in ("gate_proj", "up_proj"):
                 yield dst + f"mlp.{proj}.weight", _gather(self._merged(plan.source, proj), plan.channels, 1).to(dt)
@@ -77,7 +82,12 @@ class Slicing:
             down = self._merged(plan.source, "down_proj")
             yield dst + "mlp.down_proj.weight", _gather(down, plan.channels, 1, dim=1).to(dt)
             if spec.mlp_bias:
-                yield dst + "mlp.down_proj.bias", (_base_bias(w, src + "mlp.down_proj.bias", dense.hidden_size) + torch.from_numpy(plan.down_bias)).to(dt)
+                yield (
+                    dst + "mlp.down_proj.bias",
+                    (
+                        _base_bias(w, src + "mlp.down_proj.bias", dense.hidden_size) + torch.from_numpy(plan.down_bias)
+                    ).to(dt),
+                )
         yield "model.norm.weight", w.get("model.norm.weight").to(dt)
         if not dense.tied:
             yield "lm_head.weight", w.get("lm_head.weight").to(dt)

@@ -31,6 +31,7 @@ except ModuleNotFoundError:  # Python 3.10
 from profilers.workload import Workload
 
 from .errors import UserError
+from .flows import Flow
 from .io import dumps_json, write_text_atomic
 from .shapes import Shape
 
@@ -43,7 +44,7 @@ HOSTED = "hosted"
 class Row:
     name: str
     target: str
-    flow: str
+    flow: Flow  # resolved once, when the matrix is read
     runner: str = HOSTED
     budget_s: float | None = None
     shape: Shape | None = None
@@ -61,7 +62,7 @@ def load(path: Path) -> tuple[list[Row], str | None]:
     """(rows, the file's dist folder) from a matrix file; every mistake is a UserError naming the row."""
     from targets import load_target
 
-    from .exporters import get_exporter
+    from .flows import get_flow
     from .legalize import LAYOUTS
     from .search import parse_bytes, parse_time
 
@@ -74,7 +75,9 @@ def load(path: Path) -> tuple[list[Row], str | None]:
         raise UserError(f"matrix file {path}: not valid TOML ({e})") from None
     unknown = set(data) - {"dist", "defaults", "artifact"}
     if unknown:
-        raise UserError(f"matrix file {path}: unknown key(s) {', '.join(sorted(unknown))} (expected dist, defaults, artifact)")
+        raise UserError(
+            f"matrix file {path}: unknown key(s) {', '.join(sorted(unknown))} (expected dist, defaults, artifact)"
+        )
     items = data.get("artifact")
     if not isinstance(items, list) or not items:
         raise UserError(f"matrix file {path}: no [[artifact]] rows")
@@ -92,15 +95,15 @@ def load(path: Path) -> tuple[list[Row], str | None]:
             raise UserError(f"{where}: give exactly one of 'budget' or 'shape'")
         try:
             target = load_target(item["target"])
-            get_exporter(item["flow"])
-            if item["flow"] not in target["flows"]:
+            flow = get_flow(item["flow"])
+            if flow.name not in target["flows"]:
                 raise UserError(f"flow {item['flow']!r} is not available on target {item['target']!r} "
                                 f"(it has: {', '.join(target['flows'])})")
             wl = Workload(**{k: item[k] for k in ("batch", "prompt_len", "gen_len", "metric") if k in item})
             if item.get("layout", "auto") not in LAYOUTS:
                 raise UserError(f"unknown layout {item['layout']!r}: choose one of {', '.join(LAYOUTS)}")
             row = Row(
-                name=str(item.get("name") or _name(item)), target=item["target"], flow=item["flow"],
+                name=str(item.get("name") or _name(item)), target=item["target"], flow=flow,
                 runner=str(item.get("runner", HOSTED)),
                 budget_s=parse_time(str(item["budget"]), "budget") if "budget" in item else None,
                 shape=Shape.parse(str(item["shape"])) if "shape" in item else None,
@@ -129,7 +132,6 @@ def check(rows: list[Row], dist: Path, elastic, *, force: bool = False, protect=
     strategy's space, each dtype is one the flow writes, and each row's output may be (re)written."""
     from targets import load_target
 
-    from .exporters import get_exporter
     from .io import check_destination
     from .manifest import is_artifact
     from .pipeline import split_dtype
@@ -138,7 +140,7 @@ def check(rows: list[Row], dist: Path, elastic, *, force: bool = False, protect=
         try:
             if row.shape is not None:
                 elastic.strategy.resolve(row.shape)
-            split_dtype(row.dtype, load_target(row.target), row.flow, get_exporter(row.flow).CAPS)
+            split_dtype(row.dtype, load_target(row.target), row.flow)
             check_destination(Path(dist) / row.name, ours=is_artifact, force=force, protect=protect)
         except UserError as e:
             raise UserError(f"matrix row {k} ({row.name}): {e}") from None
@@ -155,16 +157,29 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
     for k, row in enumerate(rows, 1):
         notice(f"[{k}/{len(rows)}] {row.name}: {row.options()}")
         out = Path(dist) / row.name
-        base = {"name": row.name, "target": row.target, "flow": row.flow, "runner": row.runner, "out": str(out),
+        base = {"name": row.name, "target": row.target, "flow": row.flow.name, "runner": row.runner, "out": str(out),
                 "budget_s": row.budget_s, "shape": str(row.shape) if row.shape else None}
         wl = row.workload
         try:
             target = load_target(row.target)
             if row.shape is None:  # the search's summary carries what the row reports
-                m = searched = compile_budget(elastic, target, row.flow, wl, row.budget_s, out, memory_budget=row.memory,
-                                              dtype=row.dtype, check=check, strategy_dir=strategy_dir,
-                                              layout=row.layout, build=build, notice=notice, force=force,
-                                              tables=tables)
+                m = searched = compile_budget(
+                    elastic,
+                    target,
+                    row.flow,
+                    wl,
+                    row.budget_s,
+                    out,
+                    memory_budget=row.memory,
+                    dtype=row.dtype,
+                    check=check,
+                    strategy_dir=strategy_dir,
+                    layout=row.layout,
+                    build=build,
+                    notice=notice,
+                    force=force,
+                    tables=tables,
+                )
             else:
                 searched, m = {}, compile_shape(elastic, row.shape, row.flow, target, out, dtype=row.dtype, check=check,
                                                 strategy_dir=strategy_dir, layout=row.layout, build=build,
@@ -173,11 +188,21 @@ def run(rows: list[Row], dist: Path, elastic, strategy_dir: Path, *, build: bool
             notice(f"{row.name}: error: {e}")
             results.append({**base, "error": str(e)})
             continue
-        result = {**base, "shape": m["shape"], "dtype": m["dtype"], "parameters": m["parameters"], "metric": wl.metric,
-                  "predicted_latency_s": searched.get("predicted_latency_s"),
-                  "measured_latency_s": searched.get("measured_latency_s"), "table_source": searched.get("table_source"),
-                  "measure_command": searched.get("measure_command"), "parity": m["parity"], "engine": m["engine"],
-                  "warnings": list(searched.get("measure_warnings") or []) + [w for w in [(m["parity"] or {}).get("warning")] if w]}
+        result = {
+            **base,
+            "shape": m["shape"],
+            "dtype": m["dtype"],
+            "parameters": m["parameters"],
+            "metric": wl.metric,
+            "predicted_latency_s": searched.get("predicted_latency_s"),
+            "measured_latency_s": searched.get("measured_latency_s"),
+            "table_source": searched.get("table_source"),
+            "measure_command": searched.get("measure_command"),
+            "parity": m["parity"],
+            "engine": m["engine"],
+            "warnings": list(searched.get("measure_warnings") or [])
+            + [w for w in [(m["parity"] or {}).get("warning")] if w],
+        }
         for w in result["warnings"]:
             notice(f"{row.name}: {w}")
         results.append(result)
@@ -191,8 +216,11 @@ def markdown(results: list[dict]) -> str:
     def ms(v):
         return format_time(v) if v else "-"
 
-    lines = ["| artifact | target | flow | dtype | shape | params | metric | predicted | measured | table | greedy agreement | engine |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| artifact | target | flow | dtype | shape | params | metric | predicted | measured | table | greedy "
+        "agreement | engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['target']} | {r['flow']} | | failed: {r['error']} | | | | | | | |")
@@ -201,9 +229,11 @@ def markdown(results: list[dict]) -> str:
         built = ", ".join(engine.get("built") or []) or ("script only: run build.sh on the device"
                                                          if engine.get("skipped") else "-")
         parity = f"{r['parity']['greedy_token_agreement']:.0%}" if r.get("parity") else "not checked"
-        lines.append(f"| {r['name']} | {r['target']} | {r['flow']} | {r['dtype']} | {r['shape']} | "
-                     f"{r['parameters'] / 1e6:.1f}M | {r['metric']} | {ms(r.get('predicted_latency_s'))} | "
-                     f"{ms(r.get('measured_latency_s'))} | {r.get('table_source') or '- (fixed shape)'} | {parity} | {built} |")
+        lines.append(
+            f"| {r['name']} | {r['target']} | {r['flow']} | {r['dtype']} | {r['shape']} | "
+            f"{r['parameters'] / 1e6:.1f}M | {r['metric']} | {ms(r.get('predicted_latency_s'))} | "
+            f"{ms(r.get('measured_latency_s'))} | {r.get('table_source') or '- (fixed shape)'} | {parity} | {built} |"
+        )
     commands = sorted({r["measure_command"] for r in results if r.get("measure_command")})
     if commands:
         lines += ["", "Estimated tables: measure each on its device with", ""] + [f"    {c}" for c in commands]

@@ -3,7 +3,8 @@
 `logits_fn(input_ids: LongTensor[B, T]) -> FloatTensor[B, T, V]` is supplied by the caller (a
 dense model, a pruned shape, an exported artifact), so the same scoring code compares all of them
 and nothing here depends on model code. Every batch is made before the first is scored, so a
-function that can run them together (`many`, the layer-wise reference) reads each layer once. Log-probabilities are taken in the logits' own precision
+function that can run them together (`many`, the layer-wise reference) reads each layer once. Log-probabilities
+are taken in the logits' own precision
 (half precision is upcast to float32) and summed in float64, so the result does not depend on the
 batch size.
 """
@@ -57,7 +58,9 @@ def nll_per_window(logits_fn: LogitsFn, windows: torch.Tensor, batch_size: int =
     starts = range(0, n, batch_size)
     batches = [windows[s:s + batch_size] for s in starts]
     with torch.inference_mode():
-        for s, (ids, logits) in zip(starts, _progress(_logits(logits_fn, batches), progress, "perplexity", len(starts))):
+        for s, (ids, logits) in zip(
+            starts, _progress(_logits(logits_fn, batches), progress, "perplexity", len(starts))
+        ):
             logits = logits[:, :-1]
             targets = ids[:, 1:].to(logits.device)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -111,7 +114,9 @@ def choice_logprobs(logits_fn: LogitsFn, tokenizer, items: list["MCItem"], batch
             ids[j, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         batches.append(ids)
     with torch.inference_mode():
-        for s, (_, logits) in zip(starts, _progress(_logits(logits_fn, batches), progress, "multiple choice", len(starts))):
+        for s, (_, logits) in zip(
+            starts, _progress(_logits(logits_fn, batches), progress, "multiple choice", len(starts))
+        ):
             batch = reqs[s:s + batch_size]
             for j, (seq, c0) in enumerate(batch):
                 # Position p predicts token p+1: continuation tokens c0..L-1 come from c0-1..L-2.

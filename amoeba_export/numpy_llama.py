@@ -5,7 +5,8 @@ TensorRT-LLM and MLC-LLM need a GPU; their exporters are checked by reading the 
 no KV cache, the whole sequence at once, float32 by default. Weights are converted to the compute
 dtype one layer at a time, and only then read: `weights` may be a `LazyWeights`, whose arrays are
 made when looked up (memory-mapped, dequantised, split), so a 7B artifact is checked holding about
-one layer (or the embedding, or a slice of the output projection) in float32 plus the activations. On SmolLM2-135M (logits within about ±40, an 18-token prompt) the float32
+one layer (or the embedding, or a slice of the output projection) in float32 plus the activations. On
+SmolLM2-135M (logits within about ±40, an 18-token prompt) the float32
 forward differs from transformers' by 5e-5 to 9e-5, and so does a float64 one (up to 2.4e-4 at
 19x0.5): at that size the difference is float32 rounding in the reference itself, not an error of
 either forward. It follows transformers' LlamaForCausalLM
@@ -64,6 +65,21 @@ class LastParts:
             self._key, self._parts = None, None  # free the previous one first
             self._parts, self._key = make(), key
         return self._parts
+
+
+def fused_parts(
+    last: LastParts, key, read: Callable[[], np.ndarray], cuts: list[int]
+) -> list[Callable[[], np.ndarray]]:
+    """Loaders of the parts of a fused weight (qkv, gate_up) split by rows at `cuts`: what a flow that
+    stores fused weights (MLC, TensorRT-LLM) reads back under the HF names the forward asks for."""
+    return [lambda i=i: last.get(key, lambda: np.split(read(), cuts))[i] for i in range(len(cuts) + 1)]
+
+
+def uniform_logits_fn(weights: Mapping[str, np.ndarray], *, hidden_size: int, n_layers: int, n_heads: int,
+                      n_kv_heads: int, head_dim: int, eps: float, rope_theta: float, rope_scaling: dict | None):
+    """`logits_fn` of a model with one size in every layer (the configs of MLC and TensorRT-LLM)."""
+    cfg = Config(hidden_size, [(n_heads, n_kv_heads)] * n_layers, head_dim, float(eps), float(rope_theta), rope_scaling)
+    return logits_fn(weights, cfg)
 
 
 HEAD_ROWS = 8192  # output-projection rows converted to the compute dtype at a time

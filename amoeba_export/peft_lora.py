@@ -65,7 +65,9 @@ def _load_config(directory: Path):
             warnings.simplefilter("ignore")
             return LoraConfig.from_pretrained(str(directory))
     except Exception as e:
-        raise UserError(f"unreadable PEFT config {directory / 'adapter_config.json'}: {type(e).__name__}: {e}") from None
+        raise UserError(
+            f"unreadable PEFT config {directory / 'adapter_config.json'}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def read_peft_lora(directory: str | Path, info: dict) -> LoRA:
@@ -85,11 +87,15 @@ def read_peft_lora(directory: str | Path, info: dict) -> LoRA:
         if getattr(config, attr, None):
             raise UserError(f"{where}: {what} cannot be merged into the dense weights; only plain LoRA is supported")
     if getattr(config, "bias", "none") != "none":
-        raise UserError(f"{where}: bias={config.bias!r} trains base biases, which cannot be merged; only bias='none' is supported")
+        raise UserError(
+            f"{where}: bias={config.bias!r} trains base biases, which cannot be merged; only bias='none' is supported"
+        )
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_REWRITES_BASE):
-        raise UserError(f"{where}: init_lora_weights={init!r} rewrote the base weights during training, so the adapter "
-                        "does not apply to the original model; convert it with PEFT (path_initial_model_for_weight_conversion)")
+        raise UserError(
+            f"{where}: init_lora_weights={init!r} rewrote the base weights during training, so the adapter "
+            "does not apply to the original model; convert it with PEFT (path_initial_model_for_weight_conversion)"
+        )
 
     factors: dict[tuple[int, str], dict[str, str]] = {}
     for name in safetensors_header(weights):
@@ -97,7 +103,9 @@ def read_peft_lora(directory: str | Path, info: dict) -> LoRA:
             continue
         m = _NAME.fullmatch(name)
         if m is None or m.group(3) not in PROJECTIONS or (m.group(2) == "self_attn") != (m.group(3) in PROJECTIONS[:4]):
-            extra = "modules_to_save weights" if "modules_to_save" in name else "not a LoRA factor of a LLaMA projection"
+            extra = (
+                "modules_to_save weights" if "modules_to_save" in name else "not a LoRA factor of a LLaMA projection"
+            )
             raise UserError(f"{weights}: tensor {name} is {extra}; only LoRA on q/k/v/o/gate/up/down can be merged")
         factors.setdefault((int(m.group(1)), m.group(3)), {})[m.group(4)] = name
     if not factors:

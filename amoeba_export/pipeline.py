@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from targets import default_format
 
 from .compute import Compute
 from .elastic import ElasticModel
 from .errors import UserError
-from .exporters import get_exporter, write_artifact
+from .flows import Flow, write_artifact
 from .io import atomic_dir
 from .manifest import hash_inputs, is_artifact, write_manifest
-from .materialize import DTYPES, DenseModel, materialize
+from .materialize import DTYPES, materialize
 from .shapes import Shape
+from .shared_types import DenseModel
 
 VERIFY_TEXT = "The capital of France is Paris. Deployment engineers compile one elastic model for many devices."
 TOLERANCE = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # verify's max |logit difference| by dtype
@@ -41,12 +43,12 @@ QUANT_FLOOR = 0.5
 MAX_LEGALIZE_LOSS = 0.25
 
 
-def parity_limits(exporter, quant: str | None, dense: DenseModel, adapter: bool, compute: Compute) -> dict:
+def parity_limits(flow: Flow, quant: str | None, dense: DenseModel, adapter: bool, compute: Compute) -> dict:
     """{"tolerance": max |Δlogit| allowed, or None for a quantised format, "floor": the least top-5
     agreement allowed where there is no logit limit, "reference": how the reference was computed}.
     A reference computed in half precision carries its own rounding, which the tolerance adds to
     the artifact's (docs/reference-forward.md §3)."""
-    limits = {**(TOLERANCE if quant is None else {}), **getattr(exporter, "TOLERANCE", {})}
+    limits = {**(TOLERANCE if quant is None else {}), **flow.tolerance}
     fmt = quant or str(dense.dtype).removeprefix("torch.")
     tolerance = limits.get(fmt)
     if tolerance is not None and adapter and quant is None and dense.dtype == torch.float32:
@@ -69,7 +71,7 @@ def parity_failure(parity: dict, fmt: str) -> str | None:
     return None
 
 
-def legalize_failure(report, flow: str, shape: Shape) -> str | None:
+def legalize_failure(report, flow: Flow, shape: Shape) -> str | None:
     """Why what legalize changed costs too much (measured held-out perplexity), or None."""
     before, after = report.perplexity_before, report.perplexity_after
     if before is None or after is None or after <= before * (1 + MAX_LEGALIZE_LOSS):
@@ -95,19 +97,20 @@ class Result:
     manifest: dict
 
 
-def verify(elastic: ElasticModel, shape: Shape, load: Callable[[], Callable]) -> dict:
+def verify(reference: ElasticModel, shape: Shape, load: Callable[[], Callable]) -> dict:
     """Compare the artifact's logits (its runtime made by `load()`) with the masked reference forward
-    on a fixed prompt. The reference runs first and a streamed one is released before the artifact
+    of `reference` at `shape` on a fixed prompt. The reference runs first and a streamed one is released before
+    the artifact
     is loaded, so the two never hold memory together."""
-    tok = elastic.tokenizer()
+    tok = reference.tokenizer()
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
-    ref = elastic.logits(ids, shape).float()
-    elastic.release()
+    ref = reference.logits(ids, shape).float()
+    reference.release()
     got = load()(ids).float()
     top = ref.topk(min(TOP_K, ref.shape[-1]), dim=-1).indices
     return {
         "prompt_tokens": int(ids.shape[1]),
-        "reference_forward": "resident" if elastic.stack().resident else "layer by layer",
+        "reference_forward": "resident" if reference.stack().resident else "layer by layer",
         "max_abs_logit_diff": float((ref - got).abs().max()),
         "greedy_token_agreement": float((ref.argmax(-1) == got.argmax(-1)).float().mean()),
         # the artifact's greedy token is among the reference's TOP_K: near-ties that a quantised
@@ -116,20 +119,20 @@ def verify(elastic: ElasticModel, shape: Shape, load: Callable[[], Callable]) ->
     }
 
 
-def split_dtype(dtype: str | None, target: dict, flow: str, caps) -> tuple[str | None, str | None]:
+def split_dtype(dtype: str | None, target: dict, flow: Flow) -> tuple[str | None, str | None]:
     """(DenseModel dtype, exporter quant) from `--dtype` or the target's default for the flow.
 
     Float dtypes set the dense weights; anything else (q8_0, q4_k_m, ...) is the exporter's own
     format, applied to fp weights. The default is the target's, where the flow can write it.
     """
     if dtype is None:
-        default = (default_format(target, flow) or "").lower()
-        dtype = default if default in caps.quants else None
+        default = (default_format(target, flow.name) or "").lower()
+        dtype = default if default in flow.caps.quants else None
     if dtype is None:
         return None, None
     dtype = dtype.lower()
-    if dtype not in caps.quants:
-        raise UserError(f"flow {flow!r} cannot write dtype {dtype!r}: choose one of {', '.join(caps.quants)}")
+    if dtype not in flow.caps.quants:
+        raise UserError(f"flow {flow.name!r} cannot write dtype {dtype!r}: choose one of {', '.join(flow.caps.quants)}")
     return (dtype, None) if dtype in DTYPES else (None, dtype)
 
 
@@ -155,18 +158,29 @@ def dense_perplexity(elastic: ElasticModel, windows: int = 4, seq_len: int = 256
     return ppl
 
 
-def prepare(elastic: ElasticModel, shape: Shape, flow: str, target: dict, *, dtype: str | None = None,
-            layout: str = "auto", strict: bool = False, measure: bool = True):
-    """materialize → legalize: (DenseModel', LegalizeReport, quant). `measure`: measure the perplexity
-    change of what legalize alters (the compile does; planning every shape for the search does not)."""
+@dataclass
+class Prepared:
+    """What the compile exports: the legalised DenseModel, what legalize did, the exporter's own
+    format (where not a float dtype), and the elastic model whose masked forward at the shape is the
+    reference the artifact is verified against (legalize's re-selection or dropped biases included)."""
+
+    dense: DenseModel
+    report: object  # LegalizeReport
+    quant: str | None
+    reference: ElasticModel
+
+
+def prepare(elastic: ElasticModel, shape: Shape, flow: Flow, target: dict, *, dtype: str | None = None,
+            layout: str = "auto", strict: bool = False, measure: bool = True) -> Prepared:
+    """materialize → legalize. `measure`: measure the perplexity change of what legalize alters (the
+    compile does; planning every shape for the search does not)."""
     from .legalize import legalize
 
-    caps = get_exporter(flow).CAPS
-    dense_dtype, quant = split_dtype(dtype, target, flow, caps)
+    dense_dtype, quant = split_dtype(dtype, target, flow)
     dense = materialize(elastic, shape, dense_dtype)
-    dense, report = legalize(dense, caps, flow=flow, layout=layout, quant=quant, strict=strict,
+    dense, report = legalize(dense, flow.caps, flow=flow.name, layout=layout, quant=quant, strict=strict,
                              perplexity=dense_perplexity(elastic) if measure else None)
-    return dense, report, quant
+    return Prepared(dense, report, quant, dense.source.elastic)
 
 
 @dataclass
@@ -179,19 +193,19 @@ class Plans:
     variant: str | None  # latency-table variant: None for the flow's default artifact
 
 
-def legal_plans(elastic: ElasticModel, flow: str, target: dict, *, dtype: str | None = None, layout: str = "auto",
+def legal_plans(elastic: ElasticModel, flow: Flow, target: dict, *, dtype: str | None = None, layout: str = "auto",
                 strict: bool = False) -> Plans:
     """Plan every shape for `flow` on `target`; what legalize would change is not measured here."""
-    dense_dtype, quant = split_dtype(dtype, target, flow, get_exporter(flow).CAPS)
-    shapes = {s: prepare(elastic, s, flow, target, dtype=dtype, layout=layout, strict=strict, measure=False)[0]
+    dense_dtype, quant = split_dtype(dtype, target, flow)
+    shapes = {s: prepare(elastic, s, flow, target, dtype=dtype, layout=layout, strict=strict, measure=False).dense
               for s in elastic.strategy.space}
     fmt = quant or dense_dtype
-    fmt = fmt if fmt != (default_format(target, flow) or "").lower() else None
+    fmt = fmt if fmt != (default_format(target, flow.name) or "").lower() else None
     variant = "-".join(p for p in (fmt, layout if layout != "auto" else None) if p) or None
     return Plans(shapes, quant, fmt, variant)
 
 
-def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, out: Path,
+def compile_shape(elastic: ElasticModel, shape: Shape, flow: Flow, target: dict, out: Path,
                   dtype: str | None = None, check: bool = True, strategy_dir: Path | None = None,
                   adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
                   workload=None, before_manifest: Callable[[Path, dict], None] | None = None,
@@ -205,11 +219,12 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
     from profilers.workload import Workload
 
     workload = workload or Workload()
-    exporter = get_exporter(flow)
-    if flow not in target.get("flows", []):
-        raise UserError(f"flow {flow!r} is not available on target {target['name']!r} (it has: {', '.join(target.get('flows', []))})")
+    if flow.name not in target.get("flows", []):
+        raise UserError(f"flow {flow.name!r} is not available on target {target['name']!r} (it has: "
+                        f"{', '.join(target.get('flows', []))})")
     shape = elastic.strategy.resolve(shape)
-    dense, report, quant = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
+    prepared = prepare(elastic, shape, flow, target, dtype=dtype, layout=layout, strict=strict)
+    dense, report, quant = prepared.dense, prepared.report, prepared.quant
     elastic.release()  # what legalize measured: the export streams, and needs none of it
     accepted: list[str] = []  # what --accept-parity-loss let through, for the manifest
     failure = legalize_failure(report, flow, shape)
@@ -218,15 +233,15 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
     if failure is not None:
         accepted.append(f"legalize: {failure}")
     with atomic_dir(out, ours=is_artifact, force=force, protect=(elastic.dir, strategy_dir, adapter_dir)) as tmp:
-        files, built = write_artifact(exporter, dense, tmp, elastic.dir, target, quant=quant, workload=workload,
-                                      build=build)
+        emitted, built = write_artifact(flow, dense, tmp, elastic.dir, target, quant=quant, workload=workload,
+                                        build=build)
         parity = None
         if check:
             # The reference is what legalize made (the elastic model the dense model came from, with any
             # re-selection or dropped biases), so this checks the export exactly; legalize's own cost
             # was measured and judged above.
-            parity = verify(dense.source.elastic, shape, lambda: exporter.load(tmp))
-            parity.update(parity_limits(exporter, quant, dense, elastic.adapter is not None, elastic.compute))
+            parity = verify(prepared.reference, shape, lambda: flow.load(tmp))
+            parity.update(parity_limits(flow, quant, dense, elastic.adapter is not None, elastic.compute))
             fmt = quant or str(dense.dtype).removeprefix("torch.")
             failure = parity_failure(parity, fmt)
             if failure is not None and not accept_parity_loss:
@@ -235,12 +250,14 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             if failure is not None:
                 accepted.append(f"parity: {failure}")
             if parity["greedy_token_agreement"] < 0.9:
-                parity["warning"] = (f"{fmt} changes {1 - parity['greedy_token_agreement']:.0%} of the greedy tokens on "
-                                     "the verify prompt against the masked reference of the exported model; the "
-                                     "accuracy table scores the unquantised model, so measure this format's accuracy "
-                                     "before shipping it, or choose a wider format with --dtype")
+                parity["warning"] = (
+                    f"{fmt} changes {1 - parity['greedy_token_agreement']:.0%} of the greedy tokens on "
+                    "the verify prompt against the masked reference of the exported model; the "
+                    "accuracy table scores the unquantised model, so measure this format's accuracy "
+                    "before shipping it, or choose a wider format with --dtype"
+                )
         body = {
-            "flow": flow,
+            "flow": flow.name,
             "target": target,
             "shape": str(shape),
             "dtype": quant or str(dense.dtype).removeprefix("torch."),
@@ -251,10 +268,11 @@ def compile_shape(elastic: ElasticModel, shape: Shape, flow: str, target: dict, 
             "allowed_other_weights": dict(elastic.other_weights) or None,
             "layers": [vars(s) for s in dense.layers],
             "parameters": dense.parameters(),
-            "materialize": {k: v for k, v in dense.record.items() if k != "legalize"},
+            "materialize": {**{k: v for k, v in dense.record.items() if k != "legalize"},
+                            **({flow.name: emitted.record} if emitted.record is not None else {})},
             "legalize": report.to_json(),
             "uniform": dense.uniform,
-            "emitted": files,
+            "emitted": emitted.files,
             "engine": built,
             "parity": parity,
             "accepted_parity_loss": accepted or None,
@@ -278,7 +296,7 @@ def memory_bytes(dense: DenseModel, workload, quant: str | None = None) -> int:
     return int(dense.parameters() * bits / 8) + workload.batch * (workload.prompt_len + workload.gen_len) * kv * item
 
 
-def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, strategy_dir: Path | None,
+def latency_table(elastic: ElasticModel, target: dict, flow: Flow, workload, strategy_dir: Path | None,
                   plans: Plans, threads: int | None, notice: Callable[[str], None], *, command: str,
                   measurable: bool, tables: Path | None = None, correct: bool = True):
     """The table for target × flow × model × workload (× variant): the user's or the shipped one,
@@ -286,14 +304,19 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     machine can: `measurable`), or estimated. `command` measures it on the device. Tables are
     written under `tables` (default: the user's tables folder), never into the package."""
     from profilers.profile import profile_table
-    from profilers.tables import (LatencyTable, build_estimated, hardware_differences, hardware_fingerprint,
-                                  strategy_fingerprint)
+    from profilers.tables import (
+        LatencyTable,
+        build_estimated,
+        hardware_differences,
+        hardware_fingerprint,
+        strategy_fingerprint,
+    )
 
     from .feedback import SPOT_SHAPES, rescaled, spot_check
 
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
     sfp = strategy_fingerprint(strategy_dir)
-    args = (target["name"], flow, elastic.info["name"], workload)
+    args = (target["name"], flow.name, elastic.info["name"], workload)
     path = LatencyTable.path(*args, root=tables, variant=plans.variant)  # where a table made here goes
     found = LatencyTable.find(*args, root=tables, variant=plans.variant)
     on_device = "" if target["name"] == "host" else f" on the {target['name']}"
@@ -312,8 +335,10 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
             if not diffs:
                 return table, found
             if not (measurable and correct):
-                notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): its predictions may "
-                       f"not hold here; re-measure with: {command}")
+                notice(
+                    f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): its predictions may "
+                    f"not hold here; re-measure with: {command}"
+                )
                 return table, found
             notice(f"latency table {found} was measured on other hardware ({'; '.join(diffs)}): spot-checking "
                    f"{SPOT_SHAPES} shapes here")
@@ -337,7 +362,7 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     if measurable:
         return profile_table(elastic, target, flow, workload, strategy_dir=strategy_dir, threads=threads,
                              plans=plans.shapes, quant=plans.quant, variant=plans.variant, root=tables, notice=notice)
-    table = build_estimated(plans.shapes, target=target, flow=flow, model=model, strategy=sfp, workload=workload,
+    table = build_estimated(plans.shapes, target=target, flow=flow.name, model=model, strategy=sfp, workload=workload,
                             fmt=plans.fmt)
     table.save(path)
     notice(f"no measured latency table for {target['name']}/{flow}: using an ESTIMATED roofline table ({path}); "
@@ -345,7 +370,7 @@ def latency_table(elastic: ElasticModel, target: dict, flow: str, workload, stra
     return table, path
 
 
-def shape_timer(elastic: ElasticModel, plans: Plans, flow: str, workload, target: dict, threads: int | None,
+def shape_timer(elastic: ElasticModel, plans: Plans, flow: Flow, workload, target: dict, threads: int | None,
                 notice: Callable[[str], None]) -> Callable[[Shape], dict]:
     """Time a planned shape here as `profile` does (exported to scratch, built as for the table): what
     the spot check and the feedback rounds measure."""
@@ -382,7 +407,7 @@ def accuracy_table(elastic: ElasticModel, strategy_dir: Path, notice: Callable[[
     return score_shapes(elastic, list(elastic.strategy.space), EvalConfig(), path, strategy_dir=strategy_dir)
 
 
-def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, budget_s: float, out: Path | None, *,
+def compile_budget(elastic: ElasticModel, target: dict, flow: Flow, workload, budget_s: float, out: Path | None, *,
                    memory_budget: int | None = None, dtype: str | None = None, threads: int | None = None,
                    dry_run: bool = False, check: bool = True, strategy_dir: Path | None = None,
                    adapter_dir: Path | None = None, layout: str = "auto", strict: bool = False, build: bool = True,
@@ -398,7 +423,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
 
     plans = legal_plans(elastic, flow, target, dtype=dtype, layout=layout, strict=strict)  # user errors first
     acc = accuracy_table(elastic, strategy_dir, notice, adapter_dir)
-    command = profile_command(target, flow, plans.fmt, workload)  # what measures this table (on the device)
+    command = profile_command(target, flow.name, plans.fmt, workload)  # what measures this table (on the device)
     measurable = cannot_measure(target, flow) is None
     table, table_path = latency_table(elastic, target, flow, workload, strategy_dir, plans, threads, notice,
                                       command=command, measurable=measurable, tables=tables, correct=feedback)
@@ -411,7 +436,7 @@ def compile_budget(elastic: ElasticModel, target: dict, flow: str, workload, bud
 
     result = pick(latency)
     summary = {
-        "target": target["name"], "flow": flow, "workload": workload.to_json(), "budget_s": budget_s,
+        "target": target["name"], "flow": flow.name, "workload": workload.to_json(), "budget_s": budget_s,
         "memory_budget": memory_budget, "shape": str(result.shape), "predicted_latency_s": result.latency_s,
         "score": result.score, "score_definition": "-log(held-out perplexity)", "table": str(table_path),
         "table_source": table.source, "table_validation": table.validation, "search": result.as_dict(),

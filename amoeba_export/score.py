@@ -132,7 +132,9 @@ def scored_tables(strategy_dir: Path, adapter: str | None = None, model: str | N
     """The tables already scored on the strategy for this adapter and model (beside the strategy,
     shipped or not, and in its table folder)."""
     def owner(name: str):
-        return tuple((m.group(1) if (m := re.search(rf"-{k}-([0-9a-f]+)", name)) else None) for k in ("model", "adapter"))
+        return tuple(
+            (m.group(1) if (m := re.search(rf"-{k}-([0-9a-f]+)", name)) else None) for k in ("model", "adapter")
+        )
 
     folders = dict.fromkeys([Path(strategy_dir), table_dir(strategy_dir)])
     return sorted(p for d in folders for p in d.glob("accuracy-*.json") if owner(p.name) == (model, adapter))

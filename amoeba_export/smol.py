@@ -75,7 +75,11 @@ class ExpertFile(Mapping):
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.entries[key]
         with safe_open(str(self.path), framework="pt") as f:
-            read = (lambda ns: f.get_tensor(ns[0])) if self.stacked else (lambda ns: torch.stack([f.get_tensor(n) for n in ns]))
+            read = (
+                (lambda ns: f.get_tensor(ns[0]))
+                if self.stacked
+                else (lambda ns: torch.stack([f.get_tensor(n) for n in ns]))
+            )
             return read(a).float(), read(b).float()
 
     def __contains__(self, key) -> bool:
@@ -203,7 +207,9 @@ class SMOL(Adapter):
         value is merged into the exported weights."""
         return affine_router({k: v.double() for k, v in self.router.items()}, x.double())
 
-    def gate_for(self, layers: list[int], width: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
+    def gate_for(
+        self, layers: list[int], width: float, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """(g [E] float32 with top_k non-zeros summing to 1, the selected experts by decreasing logit).
 
         Without a generator the gate is deterministic (what export uses); with one, the logits get
@@ -214,7 +220,9 @@ class SMOL(Adapter):
         """(g, chosen, the noise-free logits z, the noise scale softplus(Wn x + bn))."""
         with torch.no_grad():
             z, noise = self.router_logits(self.router_input(layers, width))
-            noisy = z if generator is None else z + torch.randn(z.shape, generator=generator, dtype=torch.float64) * noise
+            noisy = (
+                z if generator is None else z + torch.randn(z.shape, generator=generator, dtype=torch.float64) * noise
+            )
             top = torch.topk(noisy, self.top_k)
             sparse = torch.full_like(noisy, float("-inf")).scatter(0, top.indices, top.values)
             return torch.softmax(sparse, dim=0).float(), [int(i) for i in top.indices], z, noise
@@ -265,7 +273,9 @@ class SMOL(Adapter):
 
     def check_model(self, info: dict) -> None:
         if info["n_layers"] != self.n_layers:
-            raise UserError(f"the SMOL adapter is for a {self.n_layers}-layer model, but the model has {info['n_layers']}")
+            raise UserError(
+                f"the SMOL adapter is for a {self.n_layers}-layer model, but the model has {info['n_layers']}"
+            )
         for key in sorted(self.experts, key=_order):
             a_shape, b_shape = self._shapes(key)
             check_factors(info, key[0], key[1], a_shape, b_shape, self._names(key))
@@ -293,7 +303,10 @@ class SMOL(Adapter):
         specs = [(f"router.{k}", tuple(self.router[k].shape)) for k in ROUTER]
         for layer, proj in keys:
             a_shape, b_shape = self._shapes((layer, proj))
-            specs += [(f"layers.{layer}.{proj}.lora_A", tuple(a_shape)), (f"layers.{layer}.{proj}.lora_B", tuple(b_shape))]
+            specs += [
+                (f"layers.{layer}.{proj}.lora_A", tuple(a_shape)),
+                (f"layers.{layer}.{proj}.lora_B", tuple(b_shape)),
+            ]
 
         def tensors():
             for k in ROUTER:
@@ -323,7 +336,9 @@ class SMOL(Adapter):
             raise UserError(f"adapter version {doc.get('version')} is not supported (expected {VERSION})")
         path = directory / "adapter.safetensors"
         try:
-            entries = {(int(l), str(p)): ([f"layers.{l}.{p}.lora_A"], [f"layers.{l}.{p}.lora_B"]) for l, p in doc["experts"]}
+            entries = {
+                (int(l), str(p)): ([f"layers.{l}.{p}.lora_A"], [f"layers.{l}.{p}.lora_B"]) for l, p in doc["experts"]
+            }
             if any(p not in PROJECTIONS for _, p in entries):
                 raise ValueError("unknown projection")
             experts = ExpertFile(path, entries, stacked=True)
@@ -333,9 +348,18 @@ class SMOL(Adapter):
                 if missing:
                     raise UserError(f"corrupt adapter {path}: no tensor router.{missing[0]}")
                 router = {k: f.get_tensor(f"router.{k}") for k in ROUTER}
-            return cls(r=int(doc["r"]), alpha=float(doc["alpha"]), scale=float(doc["scale"]), top_k=int(doc["top_k"]),
-                       n_layers=int(doc["n_layers"]), width_choice=[float(w) for w in doc["width_choice"]],
-                       router=router, experts=experts, model=dict(doc.get("model") or {}), meta=dict(doc.get("meta") or {}))
+            return cls(
+                r=int(doc["r"]),
+                alpha=float(doc["alpha"]),
+                scale=float(doc["scale"]),
+                top_k=int(doc["top_k"]),
+                n_layers=int(doc["n_layers"]),
+                width_choice=[float(w) for w in doc["width_choice"]],
+                router=router,
+                experts=experts,
+                model=dict(doc.get("model") or {}),
+                meta=dict(doc.get("meta") or {}),
+            )
         except UserError:
             raise
         except Exception as e:  # a malformed document or file: one line, not a traceback
@@ -358,10 +382,30 @@ class SMOL(Adapter):
 
         with torch.random.fork_rng(devices=[]):  # seeded without touching the caller's RNG
             torch.manual_seed(seed)
-            w1, w2, noise = torch.nn.Linear(n_in, router_hidden), torch.nn.Linear(router_hidden, n_experts), torch.nn.Linear(n_in, n_experts)
-            router = {"w1": w1.weight, "b1": w1.bias, "w2": w2.weight, "b2": w2.bias, "noise_w": noise.weight, "noise_b": noise.bias}
-            return cls._build(info, width_choice, r, alpha, top_k, targets, {k: v.detach().clone() for k, v in router.items()},
-                              factors, f"init (seed {seed})")
+            w1, w2, noise = (
+                torch.nn.Linear(n_in, router_hidden),
+                torch.nn.Linear(router_hidden, n_experts),
+                torch.nn.Linear(n_in, n_experts),
+            )
+            router = {
+                "w1": w1.weight,
+                "b1": w1.bias,
+                "w2": w2.weight,
+                "b2": w2.bias,
+                "noise_w": noise.weight,
+                "noise_b": noise.bias,
+            }
+            return cls._build(
+                info,
+                width_choice,
+                r,
+                alpha,
+                top_k,
+                targets,
+                {k: v.detach().clone() for k, v in router.items()},
+                factors,
+                f"init (seed {seed})",
+            )
 
     @classmethod
     def random(cls, info: dict, width_choice, *, r: int = 4, alpha: float = 8.0, n_experts: int = 3, top_k: int = 2,
@@ -373,15 +417,28 @@ class SMOL(Adapter):
         rand = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
         router = {"w1": rand(router_hidden, n_in), "b1": rand(router_hidden), "w2": rand(E, router_hidden, scale=0.5),
                   "b2": rand(E), "noise_w": rand(E, n_in, scale=0.3), "noise_b": rand(E, scale=0.3)}
-        return cls._build(info, width_choice, r, alpha, top_k, targets, router,
-                          lambda out_f, in_f: (rand(E, r, in_f, scale=std), rand(E, out_f, r, scale=std)), f"random (seed {seed})")
+        return cls._build(
+            info,
+            width_choice,
+            r,
+            alpha,
+            top_k,
+            targets,
+            router,
+            lambda out_f, in_f: (rand(E, r, in_f, scale=std), rand(E, out_f, r, scale=std)),
+            f"random (seed {seed})",
+        )
 
     @classmethod
     def _build(cls, info: dict, width_choice, r: int, alpha: float, top_k: int, targets, router: dict, factors,
                source: str) -> "SMOL":
         """A SMOL for the model `info` whose experts come from `factors(out_features, in_features)`,
         called layer by layer, projection by projection."""
-        experts = {(layer, proj): factors(*projection_shape(info, proj)) for layer in range(info["n_layers"]) for proj in targets}
+        experts = {
+            (layer, proj): factors(*projection_shape(info, proj))
+            for layer in range(info["n_layers"])
+            for proj in targets
+        }
         return cls(r=r, alpha=float(alpha), scale=alpha / r, top_k=top_k, n_layers=info["n_layers"],
                    width_choice=[float(w) for w in width_choice], router=router, experts=experts,
                    model={k: info[k] for k in (*MODEL_KEYS, "fingerprint") if k in info}, meta={"source": source})

@@ -95,10 +95,18 @@ class Strategy:
         tensors = {}
         for w, per_layer in self.widths.items():
             key = format_width(w)
-            tensors[f"width.{key}.q_heads"] = torch.from_numpy(np.stack([l.q_heads for l in per_layer]).astype(np.uint8))
-            tensors[f"width.{key}.channels"] = torch.from_numpy(np.stack([l.channels for l in per_layer]).astype(np.uint8))
-            tensors[f"width.{key}.o_bias"] = torch.from_numpy(np.stack([l.o_bias for l in per_layer]).astype(np.float32))
-            tensors[f"width.{key}.down_bias"] = torch.from_numpy(np.stack([l.down_bias for l in per_layer]).astype(np.float32))
+            tensors[f"width.{key}.q_heads"] = torch.from_numpy(
+                np.stack([l.q_heads for l in per_layer]).astype(np.uint8)
+            )
+            tensors[f"width.{key}.channels"] = torch.from_numpy(
+                np.stack([l.channels for l in per_layer]).astype(np.uint8)
+            )
+            tensors[f"width.{key}.o_bias"] = torch.from_numpy(
+                np.stack([l.o_bias for l in per_layer]).astype(np.float32)
+            )
+            tensors[f"width.{key}.down_bias"] = torch.from_numpy(
+                np.stack([l.down_bias for l in per_layer]).astype(np.float32)
+            )
         for k, v in self.stats.items():
             tensors[f"stats.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
         save_file(tensors, str(directory / "strategy.safetensors"))
@@ -174,7 +182,11 @@ def _check_doc(doc: dict, path: Path) -> None:
     if not isinstance(depths, dict) or not depths:
         bad("depths", "must be a non-empty object of depth -> kept layers")
     for d, layers in depths.items():
-        if not str(d).isdigit() or not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        if (
+            not str(d).isdigit()
+            or not isinstance(layers, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+        ):
             bad(f"depths.{d}", "must list layer indices")
     widths = doc.get("widths")
     if not isinstance(widths, list) or not widths or not all(isinstance(w, str) for w in widths):
@@ -188,7 +200,10 @@ def full_width(model: dict) -> list[LayerWidth]:
     h = model["hidden_size"]
     return [
         LayerWidth(
-            np.ones(model["n_heads"], bool), np.ones(model["n_ff"], bool), np.zeros(h, np.float32), np.zeros(h, np.float32)
+            np.ones(model["n_heads"], bool),
+            np.ones(model["n_ff"], bool),
+            np.zeros(h, np.float32),
+            np.zeros(h, np.float32),
         )
         for _ in range(model["n_layers"])
     ]

@@ -285,16 +285,23 @@ def import_dp_strategy(npy_path, model: dict, width_choice: list[float] | None =
                 raw_keys.update(float(k) for k in entries if isinstance(k, (int, float, np.integer, np.floating)))
 
     # {proj: {layer: {snapped width: value}}}
-    m_w = {p: {i: _by_width(e, choice, f"width_mask layer {i} {p}_proj") for i, e in d.items()} for p, d in masks.items()}
+    m_w = {
+        p: {i: _by_width(e, choice, f"width_mask layer {i} {p}_proj") for i, e in d.items()} for p, d in masks.items()
+    }
     b_w = {p: {i: _by_width(e, choice, f"bias layer {i} {p}_proj") for i, e in d.items()} for p, d in biases.items()}
     for p in ("o", "down"):
         if m_w[p]:
             bad = [i for i, e in m_w[p].items() if any(not np.asarray(v).all() for v in e.values())]
             if bad:
-                raise UserError(f"width_mask prunes {p}_proj outputs (layers {_describe(bad)}): the hidden size is never pruned")
+                raise UserError(
+                    f"width_mask prunes {p}_proj outputs (layers {_describe(bad)}): the hidden size is never pruned"
+                )
     for p in _MASKED:
         if b_w[p]:
-            raise UserError(f"bias has entries for {p}_proj (layers {_describe(sorted(b_w[p]))}); only o_proj and down_proj take a bias")
+            raise UserError(
+                f"bias has entries for {p}_proj (layers {_describe(sorted(b_w[p]))}); only o_proj and down_proj take "
+                "a bias"
+            )
 
     widths_found = sorted({w for p in _MASKED for e in m_w[p].values() for w in e}, reverse=True)
     all_layers = set(range(L))
@@ -421,22 +428,25 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
     (or `width_choice`, when given) must list exactly that many, in one-hot order. r and lora_alpha
     come from the config. Expert tensors stay in the file and are read one projection at a time.
     """
-    from .smol import SMOL, ExpertFile
-
     from .adapter import resolve_adapter_dir
+    from .smol import SMOL, ExpertFile
 
     directory = resolve_adapter_dir(directory)
     cfg_path = directory / "adapter_config.json"
     cfg = read_json(cfg_path)
     if not cfg.get("use_moe_lora"):
-        raise UserError(f"{cfg_path} is not an AmoebaLLM mixture-of-LoRA adapter (no use_moe_lora): pass it as a PEFT LoRA")
+        raise UserError(
+            f"{cfg_path} is not an AmoebaLLM mixture-of-LoRA adapter (no use_moe_lora): pass it as a PEFT LoRA"
+        )
     for key, what in (("use_dora", "DoRA"), ("moe_lora_v2", "moe_lora_v2"), ("rank_pattern", "rank_pattern"),
                       ("alpha_pattern", "alpha_pattern"), ("modules_to_save", "modules_to_save")):
         if cfg.get(key):
             raise UserError(f"{cfg_path}: {what} is not part of the released AmoebaLLM format and is not supported")
     weights = directory / "adapter_model.safetensors"
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
-        raise UserError(f"{directory} holds a pickled adapter_model.bin, which is never loaded: convert it to safetensors")
+        raise UserError(
+            f"{directory} holds a pickled adapter_model.bin, which is never loaded: convert it to safetensors"
+        )
     header = safetensors_header(weights)
     L, hidden = int(model["n_layers"]), int(model["hidden_size"])
 
@@ -457,7 +467,9 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
                 raise UserError(f"{weights}: tensor {name} has shape {spec['shape']}, not [vocab, {hidden}]")
             ignored.append(name)
         else:
-            raise UserError(f"{weights}: unexpected tensor {name} (not a LoRA expert, the router, or frozen embeddings)")
+            raise UserError(
+                f"{weights}: unexpected tensor {name} (not a LoRA expert, the router, or frozen embeddings)"
+            )
     missing = [n for n in _ROUTER_NAMES.values() if n not in header]
     if missing:
         raise UserError(f"{weights} has no {missing[0]}: not an AmoebaLLM checkpoint with the global router")
@@ -470,7 +482,9 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
     n_widths = n_in - L
     if width_choice is None:
         if "width_choice" not in cfg:
-            raise UserError(f"{cfg_path} has no width_choice: pass --width-choice with the router's {n_widths} widths in order")
+            raise UserError(
+                f"{cfg_path} has no width_choice: pass --width-choice with the router's {n_widths} widths in order"
+            )
         width_choice = parse_width_choice(cfg["width_choice"], str(cfg_path))
     if n_widths < 1:
         raise UserError(f"the router takes {n_in} inputs ({_ROUTER_NAMES['w1']}), too few for this {L}-layer model: "
@@ -485,7 +499,9 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
     for (layer, proj), ab in sorted(names.items()):
         for part in "AB":
             if sorted(ab[part]) != list(range(E)):
-                raise UserError(f"{weights}: layer {layer} {proj} has lora_{part} experts {sorted(ab[part])}, expected 0..{E - 1}")
+                raise UserError(
+                    f"{weights}: layer {layer} {proj} has lora_{part} experts {sorted(ab[part])}, expected 0..{E - 1}"
+                )
         entries[(layer, proj)] = ([ab["A"][e] for e in range(E)], [ab["B"][e] for e in range(E)])
     experts = ExpertFile(weights, entries, stacked=False)
     r = int(experts.shapes(next(iter(entries)))[0][1])
@@ -495,7 +511,16 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
         raise UserError(f"{cfg_path} lacks {'top_k' if 'top_k' not in cfg else 'lora_alpha'}")
     alpha = float(cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    kept = ("r", "lora_alpha", "num_experts", "top_k", "width_choice", "use_rslora", "target_modules", "base_model_name_or_path")
+    kept = (
+        "r",
+        "lora_alpha",
+        "num_experts",
+        "top_k",
+        "width_choice",
+        "use_rslora",
+        "target_modules",
+        "base_model_name_or_path",
+    )
     smol = SMOL(r=r, alpha=alpha, scale=scale, top_k=int(cfg["top_k"]), n_layers=L, width_choice=list(width_choice),
                 router=router, experts=experts, model={k: model[k] for k in MODEL_KEYS},
                 meta={"source": CHECKPOINT_SOURCE, "path": str(directory),
@@ -516,10 +541,16 @@ def import_checkpoint(checkpoint_dir, npy_path, model: dict, width_choice: list[
     trained = set(smol.width_choice).__contains__  # import_dp_strategy snapped the keys onto these exact values
     dropped = sorted((w for w in strategy.widths if not trained(w)), reverse=True)
     if len(dropped) == len(strategy.widths):
-        raise UserError(f"none of the strategy's widths ({', '.join(map(format_width, dropped))}) is among the adapter's "
-                        f"width_choice ({', '.join(map(format_width, smol.width_choice))})")
+        raise UserError(
+            f"none of the strategy's widths ({', '.join(map(format_width, dropped))}) is among the adapter's "
+            f"width_choice ({', '.join(map(format_width, smol.width_choice))})"
+        )
     strategy.widths = {w: v for w, v in strategy.widths.items() if trained(w)}
-    strategy.meta["adapter"] = {"source": CHECKPOINT_SOURCE, "path": smol.meta["path"], "width_choice": smol.width_choice}
+    strategy.meta["adapter"] = {
+        "source": CHECKPOINT_SOURCE,
+        "path": smol.meta["path"],
+        "width_choice": smol.width_choice,
+    }
     if dropped:
         strategy.meta["dropped_widths"] = [format_width(w) for w in dropped]
     smol.bind(strategy)
@@ -540,4 +571,8 @@ def is_import_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     names = {p.name for p in (path / "adapter").iterdir()}
-    return isinstance(doc, dict) and doc.get("format") == ADAPTER_FORMAT and names <= {"adapter.json", "adapter.safetensors"}
+    return (
+        isinstance(doc, dict)
+        and doc.get("format") == ADAPTER_FORMAT
+        and names <= {"adapter.json", "adapter.safetensors"}
+    )

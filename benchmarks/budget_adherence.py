@@ -26,24 +26,28 @@ def main() -> None:
     from amoeba_export.elastic import load_elastic
     from amoeba_export.errors import UserError, notice
     from amoeba_export.feedback import BUDGET_SLACK
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import compile_budget, legal_plans, shape_timer
     from profilers.workload import Workload
     from targets import load_target
 
     elastic, sdir = load_elastic()
     target, wl = load_target("host"), Workload()
-    plans = legal_plans(elastic, args.flow, target)
+    flow = get_flow(args.flow)
+    plans = legal_plans(elastic, flow, target)
     dense = elastic.strategy.space.largest
-    timing = shape_timer(elastic, plans, args.flow, wl, target, args.threads, notice)(dense)
+    timing = shape_timer(elastic, plans, flow, wl, target, args.threads, notice)(dense)
     dense_s = timing["median"]
     print(f"dense {dense}: {dense_s * 1e3:.1f} ms TPOT here ({timing['threads']} threads, other load "
           f"{timing['other_load']} CPUs)", flush=True)
-    budgets = [("make demo", 0.060), ("40 ms", 0.040)] + [(f"{float(f):.0%} of dense", float(f) * dense_s) for f in args.fractions.split(",")]
+    budgets = [("make demo", 0.060), ("40 ms", 0.040)] + [
+        (f"{float(f):.0%} of dense", float(f) * dense_s) for f in args.fractions.split(",")
+    ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="amoeba-budgets-") as tmp:
         for i, (label, budget) in enumerate(budgets):
             try:
-                s = compile_budget(elastic, target, args.flow, wl, budget, Path(tmp) / f"b{i}", threads=args.threads,
+                s = compile_budget(elastic, target, flow, wl, budget, Path(tmp) / f"b{i}", threads=args.threads,
                                    strategy_dir=sdir, build=False, notice=notice)
             except UserError as e:
                 rows.append((label, budget, None, None, None, [], str(e)))
@@ -52,8 +56,11 @@ def main() -> None:
             first = rounds[0] if rounds else None
             rows.append((label, budget, first["shape"] if first else s["shape"],
                          first["predicted_s"] if first else s["predicted_latency_s"], s, rounds, None))
-            print(f"{label}: {s['shape']} measured {s['measured_latency_s'] * 1e3:.1f} ms against {budget * 1e3:.1f} ms "
-                  f"({len(rounds)} feedback rounds)", flush=True)
+            print(
+                f"{label}: {s['shape']} measured {s['measured_latency_s'] * 1e3:.1f} ms against {budget * 1e3:.1f} ms "
+                f"({len(rounds)} feedback rounds)",
+                flush=True,
+            )
     print()
     print(f"{'budget':<16} {'ms':>6} {'first pick':>10} {'predicted':>9} {'rounds':>6} {'final':>8} {'measured':>9} "
           f"{'vs budget':>9}  within +{BUDGET_SLACK:.0%}")
@@ -62,8 +69,10 @@ def main() -> None:
             print(f"{label:<16} {budget * 1e3:>6.1f}  error: {error}")
             continue
         m = s["measured_latency_s"]
-        print(f"{label:<16} {budget * 1e3:>6.1f} {first:>10} {predicted * 1e3:>8.1f}ms {len(rounds):>6} {s['shape']:>8} "
-              f"{m * 1e3:>8.1f}ms {m / budget - 1:>+9.1%}  {'yes' if m <= budget * (1 + BUDGET_SLACK) else 'NO'}")
+        print(
+            f"{label:<16} {budget * 1e3:>6.1f} {first:>10} {predicted * 1e3:>8.1f}ms {len(rounds):>6} {s['shape']:>8} "
+            f"{m * 1e3:>8.1f}ms {m / budget - 1:>+9.1%}  {'yes' if m <= budget * (1 + BUDGET_SLACK) else 'NO'}"
+        )
         for r in rounds:
             print(f"{'':<16} round: {r['shape']} predicted {r['predicted_s'] * 1e3:.1f} ms, measured "
                   f"{r['measured_s'] * 1e3:.1f} ms -> every prediction x{r['factor']:.2f}")

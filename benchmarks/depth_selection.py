@@ -110,7 +110,9 @@ class FastPPL:
         return self._cache[key]
 
 
-def layer_sets(L: int, depths: dict[int, list[int]], keep_last: int, cos: list[float]) -> dict[str, dict[int, list[int]]]:
+def layer_sets(
+    L: int, depths: dict[int, list[int]], keep_last: int, cos: list[float]
+) -> dict[str, dict[int, list[int]]]:
     """method -> depth -> kept layer indices (ascending)."""
     # Highest cosine first (= lowest Block Influence); ties by index, so the ranking is deterministic.
     rank = sorted(range(L), key=lambda i: (-cos[i], i))
@@ -161,8 +163,12 @@ def print_table(title: str, depths: list[int], methods: list[str], ppl: dict[str
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strategy", default=str(DEFAULT_STRATEGY), help="strategy directory (default: the shipped SmolLM2 one)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--strategy", default=str(DEFAULT_STRATEGY), help="strategy directory (default: the shipped SmolLM2 one)"
+    )
     ap.add_argument("--model", default=None, help="base model directory (default: the bundled SmolLM2-135M-Instruct)")
     ap.add_argument("--windows", type=int, default=16, help="held-out windows (default 16)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
@@ -227,17 +233,26 @@ def main(argv=None) -> int:
     print(f"model {elastic.info.get('name')} ({L} layers), strategy {args.strategy}, keep_last={keep_last}")
     print(f"held-out: BoolQ passages, {len(windows)} windows x {windows.shape[1]} tokens (seed {args.seed}), "
           f"{len(windows) * (windows.shape[1] - 1)} predicted tokens")
-    print(f"calibration (DP + ShortGPT): {calib_src}, {len(calib_windows)} windows x {calib_windows.shape[1]} tokens (seed {calib_seed})")
+    print(
+        f"calibration (DP + ShortGPT): {calib_src}, {len(calib_windows)} windows x {calib_windows.shape[1]} tokens "
+        f"(seed {calib_seed})"
+    )
     print("ShortGPT cos(in, out) per layer: " + " ".join(f"{i}:{c:.3f}" for i, c in enumerate(cos)))
     print_table("held-out perplexity (BoolQ Wikipedia; lower is better)", depths, methods, ppl)
     if calib_ppl:
         print_table("calibration perplexity (the DP's own calibration windows; lower is better)", depths, methods,
                     calib_ppl, ("DP stored", dp_metric) if dp_metric else None)
     elif dp_metric:
-        print("\nDP calibration metric (meta.depth_metric): " + ", ".join(f"{d}: {dp_metric[d]:.3f}" for d in depths if d in dp_metric))
+        print(
+            "\nDP calibration metric (meta.depth_metric): "
+            + ", ".join(f"{d}: {dp_metric[d]:.3f}" for d in depths if d in dp_metric)
+        )
 
     if "shortgpt_keep" not in sets:
-        print(f"(ShortGPT never removes one of the last {keep_last} layer(s) at these depths, so its keep-last variant is the same)")
+        print(
+            f"(ShortGPT never removes one of the last {keep_last} layer(s) at these depths, so its keep-last variant "
+            "is the same)"
+        )
     print("\nremoved layers")
     for d in depths:
         if d == L:
@@ -263,16 +278,23 @@ def main(argv=None) -> int:
             print("DP not best at depths " + ", ".join(
                 f"{d} (DP {ppl['dp'][d]:.3f} vs {winner[d]} {best_base[d]:.3f})" for d in lost))
             if calib_ppl:
-                cal_best = [d for d in lost if calib_ppl["dp"][d] <= min(calib_ppl[k][d] for k in baselines) * (1 + 1e-9)]
+                cal_best = [
+                    d for d in lost if calib_ppl["dp"][d] <= min(calib_ppl[k][d] for k in baselines) * (1 + 1e-9)
+                ]
                 if cal_best:
                     print("  ...of which DP IS best on its calibration text at depths "
                           + ", ".join(map(str, cal_best)) + " (calibration/held-out mismatch)")
     if verify:
-        print(f"\nverify (depth {verify['depth']}, DP layers): fast {verify['fast']:.9g} vs masked() {verify['masked']:.9g}, "
-              f"rel diff {verify['rel_diff']:.2e} -> {'OK' if verify['ok'] else 'MISMATCH'} (<= {VERIFY_RTOL:g})")
+        print(
+            f"\nverify (depth {verify['depth']}, DP layers): fast {verify['fast']:.9g} vs masked() "
+            f"{verify['masked']:.9g}, "
+            f"rel diff {verify['rel_diff']:.2e} -> {'OK' if verify['ok'] else 'MISMATCH'} (<= {VERIFY_RTOL:g})"
+        )
     seconds = time.time() - t0
-    print(f"time: {seconds:.1f}s total (cosines + calib prefixes {t_cos:.1f}s, calibration ppl {t_calib:.1f}s, "
-          f"held-out {t_held:.1f}s, verify {verify['seconds'] if verify else 0:.1f}s), {torch.get_num_threads()} threads")
+    print(
+        f"time: {seconds:.1f}s total (cosines + calib prefixes {t_cos:.1f}s, calibration ppl {t_calib:.1f}s, "
+        f"held-out {t_held:.1f}s, verify {verify['seconds'] if verify else 0:.1f}s), {torch.get_num_threads()} threads"
+    )
 
     def depth_record(d: int) -> dict:
         rec = {}
@@ -286,12 +308,28 @@ def main(argv=None) -> int:
 
     if args.json:
         doc = {
-            "args": vars(args), "model": elastic.info, "keep_last": keep_last, "n_layers": L,
-            "heldout": {"source": "boolq", "windows": len(windows), "seq_len": int(windows.shape[1]), "seed": args.seed},
-            "calibration": {"source": calib_src, "windows": len(calib_windows), "seq_len": int(calib_windows.shape[1]), "seed": calib_seed},
-            "cosine": cos, "block_influence": [1 - c for c in cos],
+            "args": vars(args),
+            "model": elastic.info,
+            "keep_last": keep_last,
+            "n_layers": L,
+            "heldout": {
+                "source": "boolq",
+                "windows": len(windows),
+                "seq_len": int(windows.shape[1]),
+                "seed": args.seed,
+            },
+            "calibration": {
+                "source": calib_src,
+                "windows": len(calib_windows),
+                "seq_len": int(calib_windows.shape[1]),
+                "seed": calib_seed,
+            },
+            "cosine": cos,
+            "block_influence": [1 - c for c in cos],
             "depths": {str(d): depth_record(d) for d in depths},
-            "summary": summary, "verify": verify, "seconds": round(seconds, 1),
+            "summary": summary,
+            "verify": verify,
+            "seconds": round(seconds, 1),
         }
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -125,7 +125,9 @@ def write_tokenizer(directory: Path, vocab_size: int) -> None:
         vocab[f"w{i}"] = i + 3
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
     fast.save_pretrained(directory)
 
 
@@ -164,7 +166,9 @@ def make_model(model_dir: Path, config: dict = CONFIG, seed: int = SEED, shard_b
     print(f"writing the synthetic model ({n_params(specs) / 1e9:.3f}B params, fp16) to {model_dir} ...", flush=True)
     with atomic_dir(model_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors_stream(tmp, specs, synth_tensors(specs, seed, std), torch.float16, max_shard_bytes=shard_bytes)
+        write_safetensors_stream(
+            tmp, specs, synth_tensors(specs, seed, std), torch.float16, max_shard_bytes=shard_bytes
+        )
         if tokenizer is None:
             write_tokenizer(tmp, config["vocab_size"])
         else:
@@ -172,7 +176,9 @@ def make_model(model_dir: Path, config: dict = CONFIG, seed: int = SEED, shard_b
         files = weight_files(tmp)
         if len(files) < 2 or not (tmp / "model.safetensors.index.json").is_file():
             raise RuntimeError(f"expected a sharded model with an index, got {files}")
-        (tmp / MARKER).write_text(json.dumps({"version": MARKER_VERSION, "config": config, "seed": seed, **(extra or {})}))
+        (tmp / MARKER).write_text(
+            json.dumps({"version": MARKER_VERSION, "config": config, "seed": seed, **(extra or {})})
+        )
     print(f"  done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
@@ -257,7 +263,7 @@ def child_export(result: Path, model_dir: Path, strategy_dir: Path, out_dir: Pat
         torch.set_num_threads(threads)
 
     from amoeba_export.elastic import ElasticModel
-    from amoeba_export.exporters import pytorch
+    from amoeba_export.flows.pytorch import writer as pytorch
     from amoeba_export.io import atomic_dir
     from amoeba_export.materialize import materialize
     from amoeba_export.shapes import Shape
@@ -308,7 +314,7 @@ def child_export(result: Path, model_dir: Path, strategy_dir: Path, out_dir: Pat
     dense.tensors = tensors
     t1 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        files = pytorch.emit(dense, tmp, em.dir)
+        files = pytorch.emit(dense, tmp, em.dir).files
     t_emit = time.perf_counter() - t1
     end = _status()
     res = {
@@ -400,8 +406,10 @@ def verify_artifact(out_dir: Path, model_dir: Path, strategy, depth: int, width:
     if got != want:
         missing, extra = set(want) - set(got), set(got) - set(want)
         wrong = [n for n in set(want) & set(got) if want[n] != got[n]]
-        problems.append(f"headers differ from tensor_specs(): missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}, "
-                        f"wrong shape/dtype {sorted(wrong)[:3]}")
+        problems.append(
+            f"headers differ from tensor_specs(): missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]}, "
+            f"wrong shape/dtype {sorted(wrong)[:3]}"
+        )
     cfg = json.loads((out_dir / "config.json").read_text())
     if cfg.get("num_hidden_layers") != depth:
         problems.append(f"config.json says {cfg.get('num_hidden_layers')} layers, expected {depth}")
@@ -452,7 +460,9 @@ def main() -> int:
             child_baseline(a.result)
         else:
             _, model_dir, strategy_dir, out_dir, depth, width, threads = a.child
-            child_export(a.result, Path(model_dir), Path(strategy_dir), Path(out_dir), int(depth), float(width), int(threads))
+            child_export(
+                a.result, Path(model_dir), Path(strategy_dir), Path(out_dir), int(depth), float(width), int(threads)
+            )
         return 0
 
     work = a.workdir.resolve()
@@ -513,29 +523,52 @@ def main() -> int:
     prof = last["profile"]
     rows = [
         ("source model", f"{src_params / 1e9:.3f}B params, {fmt_bytes(src_bytes)} in {len(src_files)} files"),
-        ("exported model", f"{out_params / 1e9:.3f}B params, {fmt_bytes(out_bytes)} in {len(out_files)} files "
-                           f"({fmt_bytes(out_weight_bytes)} safetensors)"),
+        (
+            "exported model",
+            f"{out_params / 1e9:.3f}B params, {fmt_bytes(out_bytes)} in {len(out_files)} files "
+            f"({fmt_bytes(out_weight_bytes)} safetensors)",
+        ),
         ("shape", f"{DEPTH}x{width} (layers {last['source_layers']})"),
         ("param ratio", f"{out_params / src_params:.3f}"),
-        ("export time (median)", f"{t_export:.2f} s  [load strategy + ElasticModel + materialize + emit; "
-                                 f"process incl. imports {t_proc:.2f} s]"),
+        (
+            "export time (median)",
+            f"{t_export:.2f} s  [load strategy + ElasticModel + materialize + emit; "
+            f"process incl. imports {t_proc:.2f} s]",
+        ),
         ("cp same bytes (median)", f"{t_cp:.2f} s  [cp of the exported files, {fmt_bytes(out_bytes)}, warm cache]"),
         ("time ratio vs cp same bytes", f"{ratio:.2f}x  (process incl. imports: {t_proc / t_cp:.2f}x)"),
         ("cp whole source (median)", f"{t_cp_src:.2f} s  [{fmt_bytes(src_bytes)}]"),
         ("time ratio vs cp source", f"{t_export / t_cp_src:.2f}x"),
-        ("torch threads in the export", f"{last['torch_threads']}  (load average after the runs: {os.getloadavg()[0]:.2f})"),
+        (
+            "torch threads in the export",
+            f"{last['torch_threads']}  (load average after the runs: {os.getloadavg()[0]:.2f})",
+        ),
         ("peak RSS of the export", f"{peak / MiB:.0f} MiB  (wait4 ru_maxrss, max over runs)"),
-        ("  at max sampled RSS: anon / file", f"{prof['peak_at']['RssAnon'] / MiB:.0f} / {prof['peak_at']['RssFile'] / MiB:.0f} MiB "
-                                          f"(after {prof['peak_at']['tensor']})"),
+        (
+            "  at max sampled RSS: anon / file",
+            f"{prof['peak_at']['RssAnon'] / MiB:.0f} / {prof['peak_at']['RssFile'] / MiB:.0f} MiB "
+            f"(after {prof['peak_at']['tensor']})",
+        ),
         ("  max sampled RssAnon / RssFile", f"{prof['peak_anon'] / MiB:.0f} / {prof['peak_file'] / MiB:.0f} MiB"),
-        ("  after imports (export child)", f"{last['after_import']['VmRSS'] / MiB:.0f} MiB "
-                                           f"(anon {last['after_import']['RssAnon'] / MiB:.0f}, file {last['after_import']['RssFile'] / MiB:.0f})"),
+        (
+            "  after imports (export child)",
+            f"{last['after_import']['VmRSS'] / MiB:.0f} MiB "
+            f"(anon {last['after_import']['RssAnon'] / MiB:.0f}, file {last['after_import']['RssFile'] / MiB:.0f})",
+        ),
         ("baseline RSS: import torch", f"{base['torch']['VmRSS'] / MiB:.0f} MiB"),
         ("baseline RSS: import torch, transformers", f"{base['torch+transformers']['VmRSS'] / MiB:.0f} MiB"),
-        ("time split (last run)", f"setup {last['t_setup_s']:.2f} s, produce tensors {prof['produce_s']:.2f} s, "
-                                  f"write tensors {prof['consume_s']:.2f} s, other {last['t_emit_s'] - prof['produce_s'] - prof['consume_s']:.2f} s"),
-        ("artifact check", "OK (headers = tensor_specs(); q_proj rows, down_proj columns, o_proj bias exact)"
-                           if not problems else "FAILED: " + "; ".join(problems)),
+        (
+            "time split (last run)",
+            f"setup {last['t_setup_s']:.2f} s, produce tensors {prof['produce_s']:.2f} s, "
+            f"write tensors {prof['consume_s']:.2f} s, "
+            f"other {last['t_emit_s'] - prof['produce_s'] - prof['consume_s']:.2f} s",
+        ),
+        (
+            "artifact check",
+            "OK (headers = tensor_specs(); q_proj rows, down_proj columns, o_proj bias exact)"
+            if not problems
+            else "FAILED: " + "; ".join(problems),
+        ),
         ("target: peak RSS < 1 GiB", "PASS" if rss_ok else "FAIL"),
         ("target: time <= 3x cp", "PASS" if time_ok else "FAIL"),
     ]

@@ -21,10 +21,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
-             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-             "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float16"}
+LLAMA2_7B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float16",
+}
 
 
 def specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -41,9 +54,9 @@ def specs(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 def write_model(directory: Path, cfg: dict) -> int:
     import torch
+    from export_streaming import write_tokenizer
 
     from amoeba_export.io import write_safetensors_stream
-    from export_streaming import write_tokenizer
 
     directory.mkdir(parents=True)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -67,7 +80,9 @@ def measure(name: str, model_dir: Path) -> dict:
     size = sum(f.stat().st_size for f in weight_files(model_dir))
     first, t_first = timed(lambda: fingerprint(model_dir, progress=False))
     again, t_again = timed(lambda: fingerprint(model_dir, progress=False))
-    _, t_cat = timed(lambda: subprocess.run(["cat", *map(str, weight_files(model_dir))], stdout=subprocess.DEVNULL, check=True))
+    _, t_cat = timed(
+        lambda: subprocess.run(["cat", *map(str, weight_files(model_dir))], stdout=subprocess.DEVNULL, check=True)
+    )
     assert first == again
     return {"model": name, "bytes": size, "first_s": t_first, "cached_s": t_again, "cat_s": t_cat, "fingerprint": first}
 
@@ -87,7 +102,11 @@ def main() -> None:
         rows.append(measure("SmolLM2-135M-Instruct (fp32)", model))
         print(rows[-1], flush=True)
         if not args.skip_7b:
-            base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="amoeba-7b-", dir=os.environ.get("TMPDIR")))
+            base = (
+                Path(args.keep)
+                if args.keep
+                else Path(tempfile.mkdtemp(prefix="amoeba-7b-", dir=os.environ.get("TMPDIR")))
+            )
             target = base / "llama2-7b-shaped"
             try:
                 print(f"writing the 7B-shaped model to {target} ...", flush=True)
@@ -103,8 +122,11 @@ def main() -> None:
     print()
     print(f"{'model':<36} {'GB':>6} {'first':>8} {'cached':>8} {'cat':>8} {'first/cat':>9}")
     for r in rows:
-        print(f"{r['model']:<36} {r['bytes'] / 1e9:>6.2f} {r['first_s']:>7.2f}s {r['cached_s']:>7.3f}s {r['cat_s']:>7.2f}s "
-              f"{r['first_s'] / r['cat_s']:>9.1f}")
+        print(
+            f"{r['model']:<36} {r['bytes'] / 1e9:>6.2f} {r['first_s']:>7.2f}s {r['cached_s']:>7.3f}s "
+            f"{r['cat_s']:>7.2f}s "
+            f"{r['first_s'] / r['cat_s']:>9.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import legal_plans, memory_bytes
     from amoeba_export.search import format_time
     from profilers.profile import measure_shape
@@ -43,7 +44,7 @@ def main() -> None:
     print(f"host: {target.get('cpu', '?')}, measured bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"threads {args.threads}, workload {wl.key()}")
     rows = []
-    for flow in args.flows.split(","):
+    for flow in map(get_flow, args.flows.split(",")):
         planned = legal_plans(elastic, flow, target)
         plans, quant = planned.shapes, planned.quant
         full = plans[dense_shape].parameters()
@@ -52,7 +53,7 @@ def main() -> None:
              for s in (dense_shape, half)}
         dense = plans[dense_shape]
         bound = memory_bytes(dense, wl, quant) / bandwidth
-        rows.append((flow, quant or str(dense.dtype).removeprefix("torch."), half,
+        rows.append((flow.name, quant or str(dense.dtype).removeprefix("torch."), half,
                      plans[half].parameters() / full, t[dense_shape], t[half], bound))
     print(f"\n{'flow':7} {'dtype':9} {'dense TPOT':>11} {'subnet':>9} {'params':>7} {'subnet TPOT':>12} "
           f"{'speed-up':>9} {'dense / bandwidth bound':>24}")

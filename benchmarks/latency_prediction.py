@@ -33,10 +33,13 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--validate", type=int, default=10)
     ap.add_argument("--save", default=None, help="write every shape's features and measured median to this JSON")
-    ap.add_argument("--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)")
+    ap.add_argument(
+        "--skip-budgets", action="store_true", help="stop after the latency part (no accuracy table needed)"
+    )
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import legal_plans
     from amoeba_export.search import format_time, search
     from profilers.profile import measure_shape
@@ -48,7 +51,7 @@ def main() -> None:
     elastic, sdir = load_elastic(args.model, args.strategy)
     wl = Workload(1, args.prompt_len, args.gen_len, "tpot")
     target = load_target("host")
-    flow = args.flow
+    flow = get_flow(args.flow)
     planned = legal_plans(elastic, flow, target, dtype=args.dtype)
     plans, quant = planned.shapes, planned.quant
     model = {"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]}
@@ -67,7 +70,7 @@ def main() -> None:
         return rec
 
     t0 = time.perf_counter()
-    table = build_measured(plans, measure, target=target, flow=flow, model=model, strategy=None, workload=wl,
+    table = build_measured(plans, measure, target=target, flow=flow.name, model=model, strategy=None, workload=wl,
                            n_validate=args.validate)
     t_table = time.perf_counter() - t0
     fit_shapes = table.component["fit_shapes"]
@@ -87,10 +90,16 @@ def main() -> None:
     others = [s for s in plans if str(s) not in fit_shapes]
     v = validation_figures([table.entries[str(s)]["predicted"] for s in others], [measured[s] for s in others])
     print("\n== prediction quality (per-component model vs end-to-end measurement) ==")
-    print(f"fit on {len(fit_shapes)} shapes; checked on the other {v['n']}: median |error| {v['median_abs_rel_error']*100:.2f}%, "
-          f"max {v['max_abs_rel_error']*100:.1f}%, within ±10%: {v['within_10pct']*100:.0f}%")
-    print(f"table's own validation ({table.validation['n']} shapes): median |error| "
-          f"{table.validation['median_abs_rel_error']*100:.2f}%, within ±10%: {table.validation['within_10pct']*100:.0f}%")
+    print(
+        f"fit on {len(fit_shapes)} shapes; checked on the other {v['n']}: "
+        f"median |error| {v['median_abs_rel_error'] * 100:.2f}%, "
+        f"max {v['max_abs_rel_error'] * 100:.1f}%, within ±10%: {v['within_10pct'] * 100:.0f}%"
+    )
+    print(
+        f"table's own validation ({table.validation['n']} shapes): median |error| "
+        f"{table.validation['median_abs_rel_error'] * 100:.2f}%, "
+        f"within ±10%: {table.validation['within_10pct'] * 100:.0f}%"
+    )
     print(f"coefficients (s): {dict(zip(table.component['features'], np.round(table.component['coef'], 7)))}")
     print("\n== profiling cost ==")
     print(f"per-component table: fit measurements {t_fit_only:.1f} s (with its validation shapes {t_table:.1f} s); "
@@ -109,8 +118,11 @@ def main() -> None:
         r = search(acc, lat, measured[max(plans)] * 0.75)
     t_search = (time.perf_counter() - t0) / n
     print("\n== search ==")
-    print(f"one search over {len(lat)} shapes: {t_search*1e3:.2f} ms; hierarchical == exhaustive: {r.agrees_with_exhaustive}; "
-          f"latency lookups {r.evaluated}/{len(lat)}")
+    print(
+        f"one search over {len(lat)} shapes: {t_search * 1e3:.2f} ms; hierarchical == exhaustive: "
+        f"{r.agrees_with_exhaustive}; "
+        f"latency lookups {r.evaluated}/{len(lat)}"
+    )
 
     dense = measured[max(plans)]
     print("\n== budget adherence (fresh export, measured again) ==")

@@ -5,7 +5,8 @@ For each shape (default: the largest, a middle and the smallest of the shipped s
 quantised format (gguf q8_0, q4_0, q4_k_m; mlc q4f16_1, q4f32_1), the artifact is compiled exactly as
 `amoeba-export --shape` does (with `--accept-parity-loss`, so nothing is refused while measuring) and
 verify's figures are printed: greedy-token agreement with the masked reference of the exported model,
-top-5 agreement (the artifact's greedy token among the reference's five most likely) and max |Δlogit|. For MLC, which cannot carry the compensation biases, the held-out perplexity before
+top-5 agreement (the artifact's greedy token among the reference's five most likely) and max |Δlogit|. For MLC,
+which cannot carry the compensation biases, the held-out perplexity before
 and after legalize (and the layout `auto` chose) is printed too. docs/verify.md explains how
 `QUANT_FLOOR` and `MAX_LEGALIZE_LOSS` in amoeba_export/pipeline.py follow from these numbers.
 
@@ -28,6 +29,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from amoeba_export.elastic import load_elastic
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import MAX_LEGALIZE_LOSS, QUANT_FLOOR, compile_shape
     from amoeba_export.shapes import Shape
     from targets import load_target
@@ -45,14 +47,24 @@ def main() -> None:
         for shape in shapes:
             for flow, fmt in FORMATS:
                 out = Path(tmp) / f"{flow}-{fmt}-{shape}"
-                res = compile_shape(elastic, shape, flow, targets[flow], out, dtype=fmt, strategy_dir=sdir,
+                res = compile_shape(elastic, shape, get_flow(flow), targets[flow], out, dtype=fmt, strategy_dir=sdir,
                                     build=fmt.startswith("q4_k"), accept_parity_loss=True)
                 m = res.manifest
                 leg = m["legalize"]
                 change = leg["dropped_bias"] or leg["reselected"] or {}
                 before, after = change.get("perplexity_before"), change.get("perplexity_after")
-                rows.append((str(shape), flow, fmt, m["parity"]["greedy_token_agreement"], m["parity"]["top5_agreement"], m["parity"]["max_abs_logit_diff"],
-                             leg["layout"], f"{before:.2f} -> {after:.2f} ({after / before - 1:+.1%})" if before else "exact"))
+                rows.append(
+                    (
+                        str(shape),
+                        flow,
+                        fmt,
+                        m["parity"]["greedy_token_agreement"],
+                        m["parity"]["top5_agreement"],
+                        m["parity"]["max_abs_logit_diff"],
+                        leg["layout"],
+                        f"{before:.2f} -> {after:.2f} ({after / before - 1:+.1%})" if before else "exact",
+                    )
+                )
                 print(*rows[-1][:3], f"greedy {rows[-1][3]:.0%}, top-5 {rows[-1][4]:.0%}", flush=True)
     print()
     print(f"{'shape':>8} {'flow':>5} {'format':>8} {'greedy':>7} {'top-5':>6} {'max|Δlogit|':>11} {'layout':>8}  "

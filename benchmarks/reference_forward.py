@@ -115,8 +115,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", nargs=2, metavar=("WAY", "WHAT"), help=argparse.SUPPRESS)
     ap.add_argument("--no-half", action="store_true", help="skip the half-precision error measurement")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run the three ways this many times in turn and keep each way's fastest (a shared machine drifts)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the three ways this many times in turn and keep each way's fastest (a shared machine drifts)",
+    )
     args = ap.parse_args()
     shapes = args.shapes.split(",")
     if args.child:

@@ -28,6 +28,7 @@ Results go to `<workdir>/results.json` (merged across runs) and a table on stdou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -89,7 +90,7 @@ def default_tokenizer_dir() -> Path:
 
 
 def write_model(model_dir: Path) -> None:
-    from amoeba_export.exporters.pytorch import copy_tokenizer
+    from amoeba_export.flows.pytorch.writer import copy_tokenizer
 
     tok = default_tokenizer_dir()
     extra = {"tokenizer": str(tok), "scale_version": 1}
@@ -113,7 +114,12 @@ def upstream_doc(L: int, with_width: bool, seed: int = SEED) -> dict:
         doc["strategy"][L - d] = mask
         doc["metric"][L - d] = 0.0
     if with_width:
-        nh, D, F, H = CONFIG["num_attention_heads"], CONFIG["head_dim"], CONFIG["intermediate_size"], CONFIG["hidden_size"]
+        nh, D, F, H = (
+            CONFIG["num_attention_heads"],
+            CONFIG["head_dim"],
+            CONFIG["intermediate_size"],
+            CONFIG["hidden_size"],
+        )
         masks, bias = {}, {}
         for i in range(L):
             heads = np.zeros(nh, bool)
@@ -177,15 +183,11 @@ def child_compile(result: Path, argv: list[str]) -> int:
 
     torch.set_num_threads(int(os.environ.get("SCALE_TORCH_THREADS", "1")))
     from amoeba_export import cli, pipeline
-    from amoeba_export.exporters import EXPORTERS
+    from amoeba_export.flows import FLOWS
 
     phases: list[dict] = []
 
-    def wrap(owner, attr, label):
-        fn = getattr(owner, attr, None)
-        if fn is None:
-            return
-
+    def timed(fn, label):
         def wrapped(*a, **k):
             _reset_peak()
             rec = {"phase": label, "start": time.time()}
@@ -196,13 +198,14 @@ def child_compile(result: Path, argv: list[str]) -> int:
                 rec["hwm"] = _status().get("VmHWM", 0)
                 phases.append(rec)
 
-        setattr(owner, attr, wrapped)
+        return wrapped
 
-    for mod in EXPORTERS.values():
-        wrap(mod, "emit", "emit")
-        wrap(mod, "script", "script")
-        wrap(mod, "build", "build")
-        wrap(mod, "load", "load")
+    def wrap(owner, attr, label):
+        setattr(owner, attr, timed(getattr(owner, attr), label))
+
+    for name, flow in list(FLOWS.items()):  # the registry's objects, so the CLI resolves the timed ones
+        FLOWS[name] = dataclasses.replace(flow, **{attr: timed(getattr(flow, attr), attr) for attr in
+                                                   ("emit", "script", "build", "load") if getattr(flow, attr)})
     wrap(pipeline, "verify", "verify")
     wrap(pipeline, "prepare", "materialize+legalize")
     wrap(pipeline, "hash_inputs", "hash inputs (sha256)")
@@ -235,12 +238,12 @@ def artifact_check(flow: str, out: str, tokenizer: str) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from amoeba_export.exporters import get_exporter
+    from amoeba_export.flows import get_flow
     from amoeba_export.pipeline import VERIFY_TEXT
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     ids = torch.tensor([tok(VERIFY_TEXT, add_special_tokens=False)["input_ids"]])
-    logits = get_exporter(flow).load(Path(out))  # wrapped: the "load" phase
+    logits = get_flow(flow).load(Path(out))  # wrapped: the "load" phase
     t0 = time.time()
     _reset_peak()
     got = logits(ids).float()
@@ -321,10 +324,22 @@ def run_measured(label: str, argv: list[str], work: Path, env: dict | None = Non
     # the child resets its VmHWM at each phase (so rusage's maxrss is the last phase's): the largest
     # of the phases' and the rest of the run's
     hwm = max([p.get("hwm", 0) for p in child.get("phases", [])] + [ru.ru_maxrss * 1024])
-    return {"label": label, "argv": argv, "code": code, "child_code": child.get("code"), "wall_s": wall,
-            "peak_anon": allp["anon"], "peak_file": allp["file"], "peak_shmem": allp["shmem"],
-            "peak_total_sampled": allp["total"], "maxrss_wait4": ru.ru_maxrss * 1024, "peak_hwm": hwm, "phases": phases,
-            "log": str(log), "log_tail": [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()][-6:]}
+    return {
+        "label": label,
+        "argv": argv,
+        "code": code,
+        "child_code": child.get("code"),
+        "wall_s": wall,
+        "peak_anon": allp["anon"],
+        "peak_file": allp["file"],
+        "peak_shmem": allp["shmem"],
+        "peak_total_sampled": allp["total"],
+        "maxrss_wait4": ru.ru_maxrss * 1024,
+        "peak_hwm": hwm,
+        "phases": phases,
+        "log": str(log),
+        "log_tail": [ln for ln in log.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()][-6:],
+    }
 
 
 # ------------------------------------------------------------------ cp of the same bytes
@@ -398,11 +413,17 @@ def report_row(r: dict) -> str:
     ratio = f"{r['ratio_cp']:.2f}x" if r.get("ratio_cp") else "-"
     emit = next((p for p in r["phases"] if p["phase"] == "emit"), None)
     build = next((p for p in r["phases"] if p["phase"] == "build"), None)
-    parts = [f"{r['label']:<13}", "ok " if r["code"] == 0 else f"rc={r['code']}",
-             f"{r['wall_s']:7.1f} s (+sync {r.get('sync_after_s', 0):.1f})",
-             f"cp+sync {r.get('cp_sync_s', 0):6.1f} s (cp {r.get('cp_s', 0):.1f})", f"{ratio:>7}", f"anon {r['peak_anon'] / GiB:5.2f} GiB",
-             f"file {r['peak_file'] / GiB:5.2f} GiB", f"hwm {r.get('peak_hwm', r['maxrss_wait4']) / GiB:5.2f} GiB",
-             f"out {r.get('out_bytes', 0) / 1e9:6.2f} GB"]
+    parts = [
+        f"{r['label']:<13}",
+        "ok " if r["code"] == 0 else f"rc={r['code']}",
+        f"{r['wall_s']:7.1f} s (+sync {r.get('sync_after_s', 0):.1f})",
+        f"cp+sync {r.get('cp_sync_s', 0):6.1f} s (cp {r.get('cp_s', 0):.1f})",
+        f"{ratio:>7}",
+        f"anon {r['peak_anon'] / GiB:5.2f} GiB",
+        f"file {r['peak_file'] / GiB:5.2f} GiB",
+        f"hwm {r.get('peak_hwm', r['maxrss_wait4']) / GiB:5.2f} GiB",
+        f"out {r.get('out_bytes', 0) / 1e9:6.2f} GB",
+    ]
     if emit:
         parts.append(f"emit {emit['seconds']:.1f} s/anon {emit['peak_anon'] / GiB:.2f}")
     if build and build["seconds"] > 1:
@@ -454,8 +475,11 @@ def main() -> int:
             r = run_measured(label, argv, work)
             r["shapes"] = n
             r["per_shape_s"] = r["wall_s"] / n if n else None
-            print(f"{label}: rc={r['code']} {r['wall_s']:.1f} s ({n} shapes), peak anon {r['peak_anon'] / GiB:.2f} GiB, "
-                  f"file {r['peak_file'] / GiB:.2f} GiB; log {r['log']}", flush=True)
+            print(
+                f"{label}: rc={r['code']} {r['wall_s']:.1f} s ({n} shapes), peak anon {r['peak_anon'] / GiB:.2f} GiB, "
+                f"file {r['peak_file'] / GiB:.2f} GiB; log {r['log']}",
+                flush=True,
+            )
             results[f"{label}"] = r
             results_file.write_text(json.dumps(results, indent=1))
             continue

@@ -45,7 +45,11 @@ def run(out: Path, extra: list[str], parallel: bool, threads: int | None) -> Non
 
 
 def report(out: Path) -> None:
-    docs = {name: json.loads((out / name / "eval.json").read_text()) for name in RUNS if (out / name / "eval.json").is_file()}
+    docs = {
+        name: json.loads((out / name / "eval.json").read_text())
+        for name in RUNS
+        if (out / name / "eval.json").is_file()
+    }
     before = next((d["before"] for d in docs.values() if "before" in d), None)
     if before is None or not docs:
         sys.exit(f"no finished run with a 'before' score in {out}")

@@ -23,12 +23,18 @@ BITS_PER_WEIGHT = {
     "F32": (32.0, "GGUF F32"),
     "Q8_0": (8.5, "GGUF Q8_0 block: 32 int8 + one fp16 scale = 34 bytes / 32 weights"),
     "Q4_0": (4.5, "GGUF Q4_0 block: 32 nibbles + one fp16 scale = 18 bytes / 32 weights"),
-    "Q4_K_M": (4.85, "llama.cpp Q4_K_M mix (Q4_K plus some Q6_K tensors), average reported by llama-quantize; estimated"),
+    "Q4_K_M": (
+        4.85,
+        "llama.cpp Q4_K_M mix (Q4_K plus some Q6_K tensors), average reported by llama-quantize; estimated",
+    ),
     "Q4_K_S": (4.58, "llama.cpp Q4_K_S mix (mostly Q4_K: 144 bytes / 256 weights); estimated"),
     "Q5_K_S": (5.5, "GGUF Q5_K block: 176 bytes / 256 weights (the _S mix is mostly Q5_K); estimated"),
     "Q5_K_M": (5.7, "llama.cpp Q5_K_M mix (Q5_K plus some Q6_K tensors); estimated"),
     "Q6_K": (6.5625, "GGUF Q6_K block: 210 bytes / 256 weights"),
-    "q4f16_1": (4.5, "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/flow-formats.md §7.2; docs/devices.md §3)"),
+    "q4f16_1": (
+        4.5,
+        "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/flow-formats.md §7.2; docs/devices.md §3)",
+    ),
     "q4f32_1": (5.0, "MLC q4f32_1: int4 + one fp32 scale per 32 weights"),
     "q0f16": (16.0, "MLC q0f16"),
     "q0bf16": (16.0, "MLC q0bf16"),
@@ -75,7 +81,8 @@ def model_counts(dense) -> dict:
     """Linear-layer parameters, embedding/lm_head parameters and KV width of a DenseModel plan."""
     H, V = dense.hidden_size, dense.vocab_size
     linear = sum(
-        H * (s.n_heads + 2 * s.n_kv_heads) * s.head_dim + s.n_heads * s.head_dim * H + 3 * H * s.n_ff for s in dense.layers
+        H * (s.n_heads + 2 * s.n_kv_heads) * s.head_dim + s.n_heads * s.head_dim * H + 3 * H * s.n_ff
+        for s in dense.layers
     )
     kv_per_token = sum(2 * s.n_kv_heads * s.head_dim for s in dense.layers)  # K and V elements per token
     attn_dims = sum(s.n_heads * s.head_dim for s in dense.layers)
@@ -94,7 +101,9 @@ def estimate(dense, target: dict, flow: str, workload, fmt: str | None = None) -
                      else "float16")
     peak = _peak(target, compute_dtype)
     if not bw or not peak:
-        raise UserError(f"target {target['name']!r} lacks a bandwidth or peak figure; measure it with `amoeba-export profile`")
+        raise UserError(
+            f"target {target['name']!r} lacks a bandwidth or peak figure; measure it with `amoeba-export profile`"
+        )
     c = model_counts(dense)
     B, P, G = workload.batch, workload.prompt_len, workload.gen_len
     weight_bytes = (c["linear"] + c["lm_head"]) * bits / 8

@@ -37,7 +37,13 @@ FEATURES = ("fixed", "per_layer", "per_query_head", "per_kv_head", "per_channel"
 def features(dense) -> list[float]:
     """The per-component model's inputs for a dense shape (what actually runs, padding included)."""
     L = dense.layers
-    return [1.0, float(len(L)), float(sum(s.n_heads for s in L)), float(sum(s.n_kv_heads for s in L)), float(sum(s.n_ff for s in L))]
+    return [
+        1.0,
+        float(len(L)),
+        float(sum(s.n_heads for s in L)),
+        float(sum(s.n_kv_heads for s in L)),
+        float(sum(s.n_ff for s in L)),
+    ]
 
 
 def fit(X: list[list[float]], y: list[float]) -> list[float]:
@@ -199,7 +205,9 @@ class LatencyTable:
 
     def check(self, model: dict, strategy: str | None, shapes=None) -> None:
         """Refuse a table for another model or strategy, or one that does not list exactly `shapes`."""
-        if self.model.get("fingerprint") != model.get("fingerprint") or (strategy and self.strategy and self.strategy != strategy):
+        if self.model.get("fingerprint") != model.get("fingerprint") or (
+            strategy and self.strategy and self.strategy != strategy
+        ):
             raise UserError("stale latency table for another model or strategy: rerun `amoeba-export profile`")
         if shapes is not None:
             want, have = {str(s) for s in shapes}, set(self.entries)
@@ -296,7 +304,9 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
     if checkpoint is not None and Path(checkpoint).is_file():
         try:
             saved = read_json(checkpoint)
-            if saved.get("settings") == json.loads(json.dumps(settings)) and not hardware_differences(saved.get("hardware"), hardware):
+            if saved.get("settings") == json.loads(json.dumps(settings)) and not hardware_differences(
+                saved.get("hardware"), hardware
+            ):
                 done = {k: v for k, v in saved["measured"].items() if isinstance(v, dict) and _seconds(v.get("median"))}
         except (UserError, AttributeError, TypeError) as e:  # an unreadable checkpoint is measured again
             if notice is not None:
@@ -320,7 +330,9 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
             notice(f"the fit misses the validation shapes by {validation['median_abs_rel_error']:.0%} (median): this "
                    f"machine's timings drift, so every shape is measured again and the samples pooled (pass "
                    f"{done_passes} of {passes})")
-        for shape in tqdm(list(reversed(todo)), desc=f"profiling pass {done_passes}", unit="shape", disable=not progress):
+        for shape in tqdm(
+            list(reversed(todo)), desc=f"profiling pass {done_passes}", unit="shape", disable=not progress
+        ):
             done[str(shape)] = pool_timings(done[str(shape)], measure(shape))
             save()
         coef, entries, validation = _fitted(plans, fit_set, checked, done)
@@ -332,9 +344,16 @@ def build_measured(plans: dict[Shape, object], measure: Callable[[Shape], dict],
                   if done_passes == 1 else ""))
     validation.update(shapes=[str(s) for s in checked], passes=done_passes)
     table = LatencyTable(
-        target=target["name"], flow=flow, model=model, strategy=strategy, workload=workload.to_json(), source="measured",
-        entries=entries, component={"features": list(FEATURES), "coef": coef, "fit_shapes": [str(s) for s in fit_set]},
-        validation=validation, provenance=_provenance(target, done),
+        target=target["name"],
+        flow=flow,
+        model=model,
+        strategy=strategy,
+        workload=workload.to_json(),
+        source="measured",
+        entries=entries,
+        component={"features": list(FEATURES), "coef": coef, "fit_shapes": [str(s) for s in fit_set]},
+        validation=validation,
+        provenance=_provenance(target, done),
     )
     return table
 
@@ -364,9 +383,17 @@ def build_estimated(plans: dict[Shape, object], *, target: dict, flow: str, mode
         entries[str(shape)] = {"predicted": seconds}
     detail = {k: v for k, v in (detail or {}).items() if k not in ("seconds", "tpot_bytes", "tpot_bound", "ttft_bound")}
     return LatencyTable(
-        target=target["name"], flow=flow, model=model, strategy=strategy, workload=workload.to_json(), source="estimated",
-        entries=entries, component={"roofline": detail},
-        validation={"note": f"estimated, not measured: run `{profile_command(target, flow, fmt, workload)}` on the device"},
+        target=target["name"],
+        flow=flow,
+        model=model,
+        strategy=strategy,
+        workload=workload.to_json(),
+        source="estimated",
+        entries=entries,
+        component={"roofline": detail},
+        validation={
+            "note": f"estimated, not measured: run `{profile_command(target, flow, fmt, workload)}` on the device"
+        },
         provenance=_provenance(target, {}),
     )
 

@@ -296,7 +296,9 @@ def skew_warnings(env: dict) -> list[str]:
         out.append(f"governor is {gov}: the clock ramps with load, so short timings vary; "
                    "set 'performance' (cpupower frequency-set -g performance) for stable numbers")
     elif isinstance(gov, dict):
-        out.append(f"CPUs run different governors ({', '.join(sorted(set(gov.values())))}): timings depend on scheduling")
+        out.append(
+            f"CPUs run different governors ({', '.join(sorted(set(gov.values())))}): timings depend on scheduling"
+        )
     phys = env.get("physical_cores")
     if threads and phys and threads > phys:
         out.append(f"{threads} threads on {phys} physical cores: oversubscribed, timings will be slower and noisier")
@@ -418,7 +420,9 @@ def quiet_enough(threads: int, busy: float | None) -> bool:
     return busy is None or busy <= max(0.5, len(usable_cpus()) - threads + 0.5)
 
 
-def wait_for_quiet(threads: int, max_wait_s: float | None = None, notice: Callable[[str], None] | None = None) -> float | None:
+def wait_for_quiet(
+    threads: int, max_wait_s: float | None = None, notice: Callable[[str], None] | None = None
+) -> float | None:
     """Wait (up to `max_wait_s`, default $AMOEBA_EXPORT_QUIET_WAIT or 60 s) until other processes
     leave `threads` cores free; returns the other load seen last (CPUs), so the caller can refuse or
     flag a measurement taken while it stayed busy."""
@@ -460,7 +464,9 @@ def profile_record(path, workload, timings: dict, env: dict, runtime: dict, meas
     }
 
 
-def time_requests(run: Callable[[int], object], workload, metrics: tuple[str, ...], **measure_kwargs) -> dict[str, Timing]:
+def time_requests(
+    run: Callable[[int], object], workload, metrics: tuple[str, ...], **measure_kwargs
+) -> dict[str, Timing]:
     """Timings for runtimes that only run whole requests (TensorRT-LLM's and MLC-LLM's engines):
     `run(n)` serves one request of the workload's prompt that generates exactly `n` tokens.
 

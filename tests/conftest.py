@@ -16,7 +16,9 @@ def tiny_gqa(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     """Untied embeddings, q/k/v biases (Qwen2-style), 6 query / 3 KV heads, large rope_theta."""
-    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny_qwen"), hidden=96, heads=6, kv_heads=3, tied=False, qkv_bias=True, seed=1)
+    return tiny.make_tiny_model(
+        tmp_path_factory.mktemp("tiny_qwen"), hidden=96, heads=6, kv_heads=3, tied=False, qkv_bias=True, seed=1
+    )
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,9 @@ def tiny_qwen2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_mistral(tmp_path_factory):
-    return tiny.make_tiny_model(tmp_path_factory.mktemp("tiny_mistral"), model_type="mistral", tied=False, seed=3, sliding_window=None)
+    return tiny.make_tiny_model(
+        tmp_path_factory.mktemp("tiny_mistral"), model_type="mistral", tied=False, seed=3, sliding_window=None
+    )
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,9 @@ import random
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.metrics import perplexity
 from amoeba_export.strategy import Strategy

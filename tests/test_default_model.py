@@ -11,6 +11,7 @@ pytestmark = pytest.mark.slow
 
 from amoeba_export.base_model import default_model_dir, model_info  # noqa: E402
 from amoeba_export.elastic import ElasticModel  # noqa: E402
+from amoeba_export.flows import FLOWS  # noqa: E402
 from amoeba_export.pipeline import compile_shape  # noqa: E402
 from amoeba_export.shapes import Shape  # noqa: E402
 from amoeba_export.strategy import SHIPPED  # noqa: E402
@@ -34,7 +35,7 @@ def test_shipped_strategy_matches_the_default_model(elastic):
 
 @pytest.mark.parametrize("shape", ["30x1.0", "24x0.75", "19x0.5"])
 def test_parity_of_three_shapes(elastic, tmp_path, shape):
-    res = compile_shape(elastic, Shape.parse(shape), "pytorch", HOST, tmp_path / shape, dtype="float32")
+    res = compile_shape(elastic, Shape.parse(shape), FLOWS["pytorch"], HOST, tmp_path / shape, dtype="float32")
     p = res.manifest["parity"]
     assert p["max_abs_logit_diff"] < 1e-4 and p["greedy_token_agreement"] == 1.0, p
 
@@ -98,7 +99,7 @@ def test_full_depth_export_loads_without_amoeba_export_and_answers_paris(elastic
     """A uniform export is a stock HF directory: a clean interpreter (no amoeba_export on the path)
     loads it with AutoModelForCausalLM and greedy decoding continues with Paris."""
     out = tmp_path / "full"
-    compile_shape(elastic, Shape(30, 1.0), "pytorch", HOST, out, dtype="float32")
+    compile_shape(elastic, Shape(30, 1.0), FLOWS["pytorch"], HOST, out, dtype="float32")
     code = textwrap.dedent(f"""
         import sys
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM

@@ -73,7 +73,9 @@ def test_two_process_score_equals_one_and_resumes(setup, tmp_path):
     (parts / "24x0.5.json").write_text('{"cut short')  # a part being written when the process died
     resumed = score_table(model, tmp_path / "resumed", text, 2, tmp_path)
     assert resumed["entries"][shape]["ppl"] == 123.0
-    assert {s: e for s, e in resumed["entries"].items() if s != shape} == {s: e for s, e in one["entries"].items() if s != shape}
+    assert {s: e for s, e in resumed["entries"].items() if s != shape} == {
+        s: e for s, e in one["entries"].items() if s != shape
+    }
     assert not parts.exists()
 
 

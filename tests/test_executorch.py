@@ -8,9 +8,9 @@ embeddings) and a uniform one (stock LlamaForCausalLM, untied, llama3 RoPE scali
 import time
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.flows.executorch import FLOW, runtime, writer
@@ -72,7 +72,7 @@ def test_program_matches_reference(kind, exported):
 
     # the timed path: prefill 20, then one-token decodes through the cache inside the program
     rows = ids[:workload.batch]
-    opened = FLOW.open(out, Workload(batch=workload.batch, prompt_len=20, gen_len=2), threads=1, seed=0)
+    opened = FLOW.open(out, Workload(batch=workload.batch, prompt_len=20, gen_len=2), None, threads=1, seed=0)
     steps = opened.steps
     logits = [steps.run(rows[:, :20])]
     logits += [steps.run(rows[:, t:t + 1]) for t in range(20, 22)]
@@ -90,14 +90,14 @@ def test_steps_time_and_refuse_what_the_program_cannot_do(exported):
     """time_steps runs over the opened program; a batch or length it was not made for is a UserError."""
     _, _, _, out, _ = exported("uniform")
     workload = Workload(batch=2, prompt_len=16, gen_len=4, metric="e2e")
-    opened = FLOW.open(out, workload, threads=1, seed=0)
+    opened = FLOW.open(out, workload, ("ttft", "tpot", "e2e"), threads=1, seed=0)
     assert opened.ids.shape == (2, 16) and opened.runtime["max_cache_len"] == 24 and opened.threads == 1
-    timings = time_steps(opened.steps, opened.ids, workload, ("ttft", "tpot", "e2e"),
+    timings = time_steps(opened.steps, opened.ids, workload, opened.metrics,
                          warmup=1, min_repeats=2, max_repeats=3, max_seconds=5.0)
     assert set(timings) == {"ttft", "tpot", "e2e"} and all(t.median > 0 for t in timings.values())
     with pytest.raises(UserError, match="runs batch 2"):
         FLOW.open(out, Workload(batch=1, prompt_len=4, gen_len=1), threads=1)
-    with pytest.raises(UserError, match="needs 25 positions but the ExecuTorch program's KV cache holds 24"):
+    with pytest.raises(UserError, match="needs 25 positions but the model's KV cache length"):
         FLOW.open(out, Workload(batch=2, prompt_len=24, gen_len=1), threads=1)
     steps = opened.steps
     steps.rewind(0)

@@ -2,12 +2,13 @@
 import json
 
 import pytest
+import tiny
 import torch
 
-import tiny
-from amoeba_export.adapter import LoRA, LoRADelta, PROJECTIONS, weight_name
+from amoeba_export.adapter import PROJECTIONS, LoRA, LoRADelta, weight_name
 from amoeba_export.elastic import ElasticModel
-from amoeba_export.exporters import pytorch
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.io import safetensors_header
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import compile_shape
@@ -26,7 +27,9 @@ def export(em, shape, out):
 def test_every_shape_matches_reference(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
     em = ElasticModel(model_dir, tiny.random_strategy(model_dir, seed=3))
-    ids = torch.randint(3, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))  # > 16: RoPE scaling matters
+    ids = torch.randint(
+        3, tiny.VOCAB, (2, 40), generator=torch.Generator().manual_seed(0)
+    )  # > 16: RoPE scaling matters
     kinds = set()
     for shape in em.strategy.space:
         dense, logits = export(em, shape, tmp_path / str(shape))
@@ -55,7 +58,9 @@ def test_lora_adapter_merge_matches_unmerged_reference(tiny_qwen, tmp_path):
     for layer in range(em.n_layers):
         for proj in PROJECTIONS:
             out_f, in_f = w.shape(weight_name(layer, proj))
-            deltas[(layer, proj)] = LoRADelta(torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3, 0.25)
+            deltas[(layer, proj)] = LoRADelta(
+                torch.randn(4, in_f, generator=g) * 0.3, torch.randn(out_f, 4, generator=g) * 0.3, 0.25
+            )
     em.adapter = LoRA(deltas)
     ids = torch.randint(3, tiny.VOCAB, (1, 9), generator=g)
     for shape in em.strategy.space:
@@ -102,8 +107,8 @@ def test_export_is_deterministic_and_complete(tiny_gqa, tmp_path):
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
     shape = sorted(em.strategy.space)[0]
     target = {"name": "host", "flows": ["pytorch"]}
-    a = compile_shape(em, shape, "pytorch", target, tmp_path / "a").manifest
-    b = compile_shape(em, shape, "pytorch", target, tmp_path / "b").manifest
+    a = compile_shape(em, shape, FLOWS["pytorch"], target, tmp_path / "a").manifest
+    b = compile_shape(em, shape, FLOWS["pytorch"], target, tmp_path / "b").manifest
     assert a["files"] == b["files"]  # byte-identical artifacts (sha256 of every file)
     assert a["parity"]["max_abs_logit_diff"] < TOL and a["parity"]["greedy_token_agreement"] == 1.0
     assert a["shape"] == str(shape) and len(a["layers"]) == shape.depth
@@ -118,9 +123,9 @@ def test_interrupted_export_leaves_nothing(tiny_gqa, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("amoeba_export.exporters.pytorch.copy_tokenizer", boom)
+    monkeypatch.setattr("amoeba_export.flows.pytorch.writer.copy_tokenizer", boom)
     with pytest.raises(KeyboardInterrupt):
-        compile_shape(em, shape, "pytorch", {"name": "host", "flows": ["pytorch"]}, tmp_path / "out")
+        compile_shape(em, shape, FLOWS["pytorch"], {"name": "host", "flows": ["pytorch"]}, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -170,7 +175,7 @@ def test_aot_package_decodes_like_the_reference(tiny_gqa, tmp_path):
     """The PyTorch flow's engine build: torch.export + AOTInductor `.pt2`, loaded and run."""
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa))
     shape = em.strategy.space.largest  # uniform: packaged
-    m = compile_shape(em, shape, "pytorch", {"name": "host", "flows": ["pytorch"]}, tmp_path / "u").manifest
+    m = compile_shape(em, shape, FLOWS["pytorch"], {"name": "host", "flows": ["pytorch"]}, tmp_path / "u").manifest
     assert m["engine"]["built"] == ["model.pt2", "model.pt2.json"] and "model.pt2" in m["files"]
     assert m["engine"]["max_abs_logit_diff_vs_directory"] < TOL
     ids = torch.randint(3, tiny.VOCAB, (1, 20), generator=torch.Generator().manual_seed(5))

@@ -12,14 +12,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny
 from amoeba_export.io import output_lock
 
 run = tiny.run_cli
@@ -71,7 +70,9 @@ def model(tmp_path_factory, tiny_gqa):
 
 def export(capsys, model, *args):
     m, s = model
-    return run(capsys, "--target", "host", "--flow", "pytorch", "--model", str(m), "--strategy", str(s), "--no-build", *args)
+    return run(
+        capsys, "--target", "host", "--flow", "pytorch", "--model", str(m), "--strategy", str(s), "--no-build", *args
+    )
 
 
 def user_files(folder: Path) -> Path:
@@ -119,12 +120,18 @@ def model_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda c: [c], "expected a JSON object, got a list"),
-    (lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"}, "'num_attention_heads' must be a positive integer"),
-    (lambda c: {**c, "num_hidden_layers": "six"}, "'num_hidden_layers' must be a positive integer, got 'six'"),
-    (lambda c: {**c, "hidden_size": -64}, "'hidden_size' must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda c: [c], "expected a JSON object, got a list"),
+        (
+            lambda c: {k: v for k, v in c.items() if k != "num_attention_heads"},
+            "'num_attention_heads' must be a positive integer",
+        ),
+        (lambda c: {**c, "num_hidden_layers": "six"}, "'num_hidden_layers' must be a positive integer, got 'six'"),
+        (lambda c: {**c, "hidden_size": -64}, "'hidden_size' must be a positive integer"),
+    ],
+)
 def test_config_validated_as_data(model, capsys, tmp_path, edit, needle):
     m = model_copy(model[0], tmp_path / "m")
     cfg = json.loads((m / "config.json").read_text())
@@ -186,9 +193,16 @@ def table_file(tmp_path: Path, model, edit) -> Path:
     space = Strategy.load(model[1]).space
     entries = {str(s): {"predicted": 0.001 * s.depth * s.width} for s in space}
     edit(entries)
-    table = LatencyTable(target="host", flow="pytorch", model={"name": info["name"], "fingerprint": info["fingerprint"]},
-                         strategy=strategy_fingerprint(model[1]), workload=Workload().to_json(), source="measured",
-                         entries=entries, provenance={"hardware": hardware_fingerprint(load_target("host"))})
+    table = LatencyTable(
+        target="host",
+        flow="pytorch",
+        model={"name": info["name"], "fingerprint": info["fingerprint"]},
+        strategy=strategy_fingerprint(model[1]),
+        workload=Workload().to_json(),
+        source="measured",
+        entries=entries,
+        provenance={"hardware": hardware_fingerprint(load_target("host"))},
+    )
     path = LatencyTable.path("host", "pytorch", info["name"], Workload(), root=tmp_path / "tables")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(table.__dict__))
@@ -311,21 +325,25 @@ def test_strategy_for_other_weights(model, capsys, tmp_path):
                          "--no-build")
     assert code == 0, err
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
-    assert manifest["allowed_other_weights"] == {"strategy": json.loads((model[1] / "strategy.json").read_text())["model"]["fingerprint"]}
+    assert manifest["allowed_other_weights"] == {
+        "strategy": json.loads((model[1] / "strategy.json").read_text())["model"]["fingerprint"]
+    }
 
 
 # ---------------------------------------------------------------- parity
 
 def test_parity_failure_writes_nothing_unless_accepted(model, capsys, tmp_path, monkeypatch):
-    from amoeba_export.exporters import pytorch
+    import dataclasses
 
-    load = pytorch.load
+    from amoeba_export import flows
+
+    load = flows.FLOWS["pytorch"].load
 
     def off_by_a_little(out_dir):  # an exporter bug: logits shifted by 0.01
         fn = load(out_dir)
         return lambda ids: fn(ids) + 0.01 * torch.arange(fn(ids).shape[-1]) / 96
 
-    monkeypatch.setattr(pytorch, "load", off_by_a_little)
+    monkeypatch.setitem(flows.FLOWS, "pytorch", dataclasses.replace(flows.FLOWS["pytorch"], load=off_by_a_little))
     code, _, err = export(capsys, model, "--shape", "5x0.75", "--out", str(tmp_path / "o"))
     one_error(code, err, "parity check failed for pytorch at 5x0.75: max |logit difference|")
     assert list(tmp_path.iterdir()) == []
@@ -486,7 +504,9 @@ def test_stale_partials_of_killed_runs_are_removed(model, capsys, tmp_path):
 
 def _mount(path: Path, options: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
 
 
 @pytest.fixture()

@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import tiny
+
 from amoeba_export.errors import UserError
 from amoeba_export.feedback import BUDGET_SLACK, Feedback, SpotCheck, rescaled, spot_shapes
+from amoeba_export.flows import FLOWS
 from amoeba_export.search import search
 from amoeba_export.shapes import Shape
 from profilers.tables import LatencyTable, hardware_differences, hardware_fingerprint, strategy_fingerprint
@@ -49,8 +50,12 @@ def test_spot_check_rescales_a_consistent_table():
     t = table(LAT)
     shapes = spot_shapes([Shape.parse(k) for k in LAT])
     assert [str(s) for s in shapes] == ["6x1.0", "4x0.5", "5x1.0"]  # largest, smallest, middle
-    check = SpotCheck([str(s) for s in shapes], [LAT[str(s)] for s in shapes], [LAT[str(s)] * r for s, r in
-                                                                                zip(shapes, (1.30, 1.25, 1.35))], threads=2)
+    check = SpotCheck(
+        [str(s) for s in shapes],
+        [LAT[str(s)] for s in shapes],
+        [LAT[str(s)] * r for s, r in zip(shapes, (1.30, 1.25, 1.35))],
+        threads=2,
+    )
     assert check.consistent and check.factor == pytest.approx(1.30)
     new = rescaled(t, check, HERE, "/shipped/t.json")
     assert new is not t and t.entries["5x0.5"] == {"predicted": 0.006}  # the input is untouched
@@ -94,8 +99,13 @@ def test_feedback_says_when_nothing_fits_after_correction():
     loop = Feedback(0.0055, raw)
     first = search(score, raw, 0.0055)
     with pytest.raises(UserError, match="after correcting the latency table by x2.00"):
-        loop.repick(lambda lat: search(score, lat, 0.0055), lambda s: {"median": raw[s] * 2}, first, raw[first.shape] * 2,
-                    lambda m: None)
+        loop.repick(
+            lambda lat: search(score, lat, 0.0055),
+            lambda s: {"median": raw[s] * 2},
+            first,
+            raw[first.shape] * 2,
+            lambda m: None,
+        )
 
 
 def test_a_spike_is_measured_again_before_feedback_acts():
@@ -127,8 +137,25 @@ def budget_setup(tiny_gqa, tmp_path, monkeypatch):
     monkeypatch.setenv("AMOEBA_EXPORT_TABLES", str(tmp_path / "tables"))
     sdir = tmp_path / "strategy"
     tiny.strategy_with_accuracy(tiny_gqa, sdir, seed=2)
-    common = ["--target", "host", "--flow", "pytorch", "--model", str(tiny_gqa), "--strategy", str(sdir), "--threads", "1",
-              "--prompt-len", "16", "--gen-len", "4", "--no-build", "--dtype", "float32"]
+    common = [
+        "--target",
+        "host",
+        "--flow",
+        "pytorch",
+        "--model",
+        str(tiny_gqa),
+        "--strategy",
+        str(sdir),
+        "--threads",
+        "1",
+        "--prompt-len",
+        "16",
+        "--gen-len",
+        "4",
+        "--no-build",
+        "--dtype",
+        "float32",
+    ]
     return tmp_path, common
 
 
@@ -148,12 +175,19 @@ def scripted_setup(tmp_path, tiny_gqa, hardware: dict):
     from profilers.workload import Workload
 
     elastic, sdir = load_elastic(tiny_gqa, tmp_path / "strategy")
-    plans = legal_plans(elastic, "pytorch", load_target("host"), dtype="float32")
+    plans = legal_plans(elastic, FLOWS["pytorch"], load_target("host"), dtype="float32")
     table_s = {s: COST * 4 * d.parameters() for s, d in plans.shapes.items()}
     wl = Workload(1, 16, 4, "tpot")
-    t = LatencyTable(target="host", flow="pytorch", model={"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]},
-                     strategy=strategy_fingerprint(sdir), workload=wl.to_json(), source="measured",
-                     entries={str(s): {"predicted": v} for s, v in table_s.items()}, provenance={"hardware": hardware})
+    t = LatencyTable(
+        target="host",
+        flow="pytorch",
+        model={"name": elastic.info["name"], "fingerprint": elastic.info["fingerprint"]},
+        strategy=strategy_fingerprint(sdir),
+        workload=wl.to_json(),
+        source="measured",
+        entries={str(s): {"predicted": v} for s, v in table_s.items()},
+        provenance={"hardware": hardware},
+    )
     path = LatencyTable.path("host", "pytorch", elastic.info["name"], wl)
     t.save(path)
     return table_s, path
@@ -169,7 +203,9 @@ def script_machine(monkeypatch, slowdown, artifact: float = 1.0):
         h = safetensors_header(Path(path) / "model.safetensors")
         return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in h.items() if k != "__metadata__")
 
-    monkeypatch.setattr(prof, "time_artifact", lambda path, *a, **k: fake_timing(COST * artifact_bytes(path) * artifact))
+    monkeypatch.setattr(
+        prof, "time_artifact", lambda path, *a, **k: fake_timing(COST * artifact_bytes(path) * artifact)
+    )
     monkeypatch.setattr(prof, "measure_shape", lambda dense, *a, **k: fake_timing(
         COST * 4 * dense.parameters() * slowdown(dense.record["shape"])))
 
@@ -233,8 +269,17 @@ def test_profiling_under_load_writes_no_table(tiny_gqa, tmp_path, monkeypatch):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
         with pytest.raises(UserError, match="a table measured now would be wrong, so none was written"):
-            profile_table(em, load_target("host"), "pytorch", Workload(1, 8, 4, "tpot"), n_validate=1, root=tmp_path,
-                          warmup=1, min_repeats=3, max_repeats=5)
+            profile_table(
+                em,
+                load_target("host"),
+                FLOWS["pytorch"],
+                Workload(1, 8, 4, "tpot"),
+                n_validate=1,
+                root=tmp_path,
+                warmup=1,
+                min_repeats=3,
+                max_repeats=5,
+            )
     finally:
         for h in hogs:
             h.kill()

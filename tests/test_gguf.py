@@ -13,9 +13,9 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.io import sha256_file
@@ -25,8 +25,10 @@ from amoeba_export.shapes import Shape
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-from amoeba_export.exporters import gguf as gx  # noqa: E402
-from profilers import gguf as prof  # noqa: E402
+from amoeba_export.flows import FLOWS  # noqa: E402
+from amoeba_export.flows.gguf import runtime as prof  # noqa: E402
+from amoeba_export.flows.gguf import writer as gx  # noqa: E402
+from profilers.profile import profile_artifact  # noqa: E402
 from profilers.workload import Workload  # noqa: E402
 
 F32_TOL = 1e-3
@@ -38,7 +40,9 @@ FAST = dict(warmup=1, min_repeats=3, max_repeats=5, max_seconds=5.0)
 def export(em, shape, out, quant=None, dtype=None):
     dense = materialize(em, shape, dtype)
     out.mkdir(parents=True)
-    assert gx.emit(dense, out, em.dir, quant=quant) == ["model.gguf"]
+    emitted = gx.emit(dense, out, em.dir, quant=quant)
+    assert emitted.files == ["model.gguf"]
+    dense.record = {**dense.record, "gguf": emitted.record}  # what the manifest records
     return dense
 
 
@@ -288,7 +292,10 @@ def test_read_back_structure(tiny_qwen, tiny_gqa, tmp_path):
                 if len(t.shape) == 1:
                     assert t.tensor_type == gguf.GGMLQuantizationType.F32
             assert field(r, "tokenizer.ggml.model") == "none"  # WordLevel test tokenizer
-    assert dense.record["gguf"]["tokenizer"]["model"] == "none" and "WordLevel" in dense.record["gguf"]["tokenizer"]["reason"]
+    assert (
+        dense.record["gguf"]["tokenizer"]["model"] == "none"
+        and "WordLevel" in dense.record["gguf"]["tokenizer"]["reason"]
+    )
 
 
 def test_q_k_permutation_is_rotate_half_to_adjacent_pairs():
@@ -343,7 +350,9 @@ def bpe_tokenizer(path, kind):
     config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
               "chat_template": "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"}
     if kind == "llama-bpe":  # Llama-3 style: the post-processor puts BOS in front
-        tok.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+        )
     path.mkdir(parents=True, exist_ok=True)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -413,7 +422,7 @@ def profiled(tiny_qwen, tmp_path_factory):
 
 
 def test_profile_artifact_record(profiled):
-    rec = prof.profile_artifact(profiled, Workload(prompt_len=12, gen_len=4, metric="e2e"), threads=1, **FAST)
+    rec = profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=12, gen_len=4, metric="e2e"), threads=1, **FAST)
     rec = json.loads(json.dumps(rec))  # JSON-serialisable
     assert rec["workload"] == {"batch": 1, "prompt_len": 12, "gen_len": 4, "metric": "e2e"}
     assert set(rec["timings"]) == {"ttft", "tpot", "e2e"}
@@ -453,20 +462,29 @@ def test_profiler_steps(profiled):
     np.testing.assert_allclose(last_logits(llm), step, atol=1e-3)
     with pytest.raises(ValueError):
         prof.rewind(llm, 20)
-    tokens = prof.generate(llm, ids, 5)
+    steps = prof.Steps(llm)
+
+    def generate(n):
+        steps.rewind(0)
+        tokens = [steps.prefill(ids)]
+        while len(tokens) < n:
+            tokens.append(steps.decode(tokens[-1]))
+        return tokens
+
+    tokens = generate(5)
     assert len(tokens) == 5 and tokens[:2] == [first, nxt] and llm.n_tokens == 14
-    assert prof.generate(llm, ids, 5) == tokens
+    assert generate(5) == tokens
 
 
 def test_profiler_user_errors(profiled, tmp_path):
     with pytest.raises(UserError, match="batch"):
-        prof.profile_artifact(profiled, Workload(batch=2, prompt_len=4), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(batch=2, prompt_len=4), threads=1, **FAST)
     with pytest.raises(UserError, match="model.gguf"):
-        prof.profile_artifact(tmp_path, Workload(prompt_len=4), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], tmp_path, Workload(prompt_len=4), threads=1, **FAST)
     with pytest.raises(UserError, match="context length"):
-        prof.profile_artifact(profiled, Workload(prompt_len=300), threads=1, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=300), threads=1, **FAST)
     with pytest.raises(UserError, match="threads"):
-        prof.profile_artifact(profiled, Workload(prompt_len=4), threads=0, **FAST)
+        profile_artifact(FLOWS["gguf"], profiled, Workload(prompt_len=4), threads=0, **FAST)
 
 
 # ---------------------------------------------------------------- the real default model (slow)

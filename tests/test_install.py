@@ -12,11 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def files(root: Path) -> dict:
-    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        str(p.relative_to(root)): p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def git_status() -> str:
-    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True
+    ).stdout
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +37,33 @@ def installed(tmp_path_factory):
         if src.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp / "wheel"),
-                    str(tmp / "src")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp / "wheel"),
+            str(tmp / "src"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp / "wheel").glob("amoeba_export-*.whl"))
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
     bin_ = tmp / "venv" / "bin"
-    site = Path(subprocess.run([str(bin_ / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [str(bin_ / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     subprocess.run([str(bin_ / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    capture_output=True)
     (site / "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # after: pip must not see them
@@ -61,8 +87,14 @@ def test_budgeted_dry_run_from_the_wheel(installed):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "AMOEBA_EXPORT_DATA": str(tmp / "data")}
     before_site, before_git = files(site), git_status()
     amoeba = str(tmp / "venv" / "bin" / "amoeba-export")
-    p = subprocess.run([amoeba, "--target", "host", "--flow", "pytorch", "--budget", "40ms", "--dry-run", "--no-feedback"],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [amoeba, "--target", "host", "--flow", "pytorch", "--budget", "40ms", "--dry-run", "--no-feedback"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     assert "Pareto front" in p.stdout and "dry run: nothing written" in p.stdout
     assert f"latency table {site}/amoeba_export/latency_tables/host/pytorch/" in p.stderr  # the wheel's own table
@@ -70,7 +102,9 @@ def test_budgeted_dry_run_from_the_wheel(installed):
     p = subprocess.run([amoeba, "--target", "jetson-orin", "--flow", "mlc", "--budget", "40ms", "--dry-run"],
                        cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
-    assert "ESTIMATED" in p.stdout + p.stderr and list((tmp / "data" / "latency_tables" / "jetson-orin").rglob("*.json"))
+    assert "ESTIMATED" in p.stdout + p.stderr and list(
+        (tmp / "data" / "latency_tables" / "jetson-orin").rglob("*.json")
+    )
     assert files(site) == before_site, "the run wrote into site-packages"
     assert git_status() == before_git, "the run wrote into the source tree"
     assert list(work.iterdir()) == []

@@ -189,7 +189,7 @@ def test_pytorch_artifact_is_verified_layer_by_layer_when_large(tiny_gqa, tmp_pa
     _, resident = export(em, shape, tmp_path / "a")
     want = resident(ids)
     monkeypatch.setattr(lw, "available_bytes", lambda c: 1000)
-    from amoeba_export.exporters import pytorch
+    from amoeba_export.flows.pytorch import writer as pytorch
 
     streamed = pytorch.load(tmp_path / "a")
     assert (streamed(ids) - want).abs().max().item() == 0.0

@@ -3,17 +3,17 @@ import json
 from dataclasses import replace
 
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import pytorch
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.legalize import legalize
-from amoeba_export.shared_types import FlowCaps
 from amoeba_export.materialize import materialize
 from amoeba_export.metrics import perplexity
 from amoeba_export.shapes import Shape
+from amoeba_export.shared_types import FlowCaps
 
 TOL = 1e-4
 UNIFORM_ONLY = FlowCaps(per_layer=False, o_down_bias=True, quants=("float32", "q8_0"), align={"q8_0": 32})
@@ -131,7 +131,9 @@ def test_uniform_reselects_and_matches_its_own_reference(tiny_qwen):
         got = pytorch.in_memory(dense)(IDS).logits
     assert (got - dense.source.elastic.logits(IDS, shape)).abs().max().item() < TOL
     assert (got - em.logits(IDS, shape)).abs().max().item() > 1e-3
-    assert em.strategy.widths[shape.width] is not dense.source.elastic.strategy.widths[shape.width]  # original untouched
+    assert (
+        em.strategy.widths[shape.width] is not dense.source.elastic.strategy.widths[shape.width]
+    )  # original untouched
     em.strategy.stats = {}
     with pytest.raises(UserError, match="no calibration statistics"):
         legalize(before, UNIFORM_ONLY, flow="test", layout="uniform")

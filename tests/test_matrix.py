@@ -2,7 +2,6 @@
 import json
 
 import pytest
-
 import tiny
 
 run = tiny.run_cli
@@ -49,8 +48,21 @@ runner = "jetson-orin"
 def test_export_only_targets_write_artifact_script_and_manifest(setup, tables, capsys, tmp_path):
     model, sdir, _ = setup
     out = tmp_path / "orin-mlc"
-    code, stdout, err = run(capsys, "--target", "jetson-orin", "--flow", "mlc", "--budget", "40ms", "--model", str(model),
-                            "--strategy", str(sdir), "--out", str(out))
+    code, stdout, err = run(
+        capsys,
+        "--target",
+        "jetson-orin",
+        "--flow",
+        "mlc",
+        "--budget",
+        "40ms",
+        "--model",
+        str(model),
+        "--strategy",
+        str(sdir),
+        "--out",
+        str(out),
+    )
     assert code == 0, err
     assert "ESTIMATED" in err and "amoeba-export profile --target jetson-orin --flow mlc" in stdout
     m = json.loads((out / "manifest.json").read_text())
@@ -67,7 +79,9 @@ def test_matrix_builds_rows_and_summary(setup, tables, capsys, tmp_path):
     dist = tmp_path / "dist"
     f = tmp_path / "m.toml"
     f.write_text(MATRIX.format(dist=dist))
-    code, stdout, err = run(capsys, "matrix", str(f), "--model", str(model), "--strategy", str(sdir), "--runner", "hosted")
+    code, stdout, err = run(
+        capsys, "matrix", str(f), "--model", str(model), "--strategy", str(sdir), "--runner", "hosted"
+    )
     assert code == 0, err
     summary = json.loads((dist / "summary.json").read_text())
     assert [r["name"] for r in summary] == ["jetson-orin-mlc-40ms", "a5000-trtllm-40ms"]  # the device row is skipped
@@ -76,7 +90,11 @@ def test_matrix_builds_rows_and_summary(setup, tables, capsys, tmp_path):
         assert (dist / r["name"] / "manifest.json").is_file() and (dist / r["name"] / "build.sh").is_file()
         assert r["parity"]["greedy_token_agreement"] > 0.5
     md = (dist / "summary.md").read_text()
-    assert md.startswith("| artifact | target | flow | dtype | shape |") and "a5000-trtllm-40ms" in md and "estimated" in md
+    assert (
+        md.startswith("| artifact | target | flow | dtype | shape |")
+        and "a5000-trtllm-40ms" in md
+        and "estimated" in md
+    )
     assert md in stdout
     # the trtllm artifact in float16 (the A5000's default) matched the masked reference
     assert summary[1]["parity"]["max_abs_logit_diff"] < 5e-2
@@ -116,7 +134,9 @@ def test_malformed_matrix_is_one_line_and_builds_nothing(setup, capsys, tmp_path
     model, sdir, _ = setup
     f = tmp_path / "m.toml"
     f.write_text(text)
-    code, _, err = run(capsys, "matrix", str(f), "--model", str(model), "--strategy", str(sdir), "--out", str(tmp_path / "d"))
+    code, _, err = run(
+        capsys, "matrix", str(f), "--model", str(model), "--strategy", str(sdir), "--out", str(tmp_path / "d")
+    )
     assert code == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import mlc, pytorch
+from amoeba_export.flows.mlc import writer as mlc
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.legalize import legalize
 from amoeba_export.materialize import materialize
 from amoeba_export.shapes import Shape
@@ -44,7 +45,7 @@ def legal(em, shape, quant=None, dtype=None):
 
 def emit(dense, out, tokenizer_dir, quant, workload=None):
     out.mkdir(parents=True, exist_ok=True)
-    return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload)
+    return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload).files
 
 
 # ---------------------------------------------------------------- the reference q4 (docs/flow-formats.md §7.2)
@@ -128,8 +129,13 @@ def test_q4_arithmetic_matches_a_tvm_cpu_kernel():
     r = te.reduce_axis((0, 32), name="r")
     mx = te.compute((N, K // 32), lambda i, g: te.max(te.abs(W[i, g * 32 + r]), axis=r), name="mx")
     sc = te.compute((N, K // 32), lambda i, g: mx[i, g] / tirx.const(7, "float16"), name="sc")
-    q = te.compute((N, K), lambda i, k: tirx.min(tirx.max(tirx.round(W[i, k] / sc[i, k // 32] + tirx.const(7, "float16")),
-                                                          tirx.const(0, "float16")), tirx.const(14, "float16")).astype("uint32"))
+    q = te.compute(
+        (N, K),
+        lambda i, k: tirx.min(
+            tirx.max(tirx.round(W[i, k] / sc[i, k // 32] + tirx.const(7, "float16")), tirx.const(0, "float16")),
+            tirx.const(14, "float16"),
+        ).astype("uint32"),
+    )
     f = tvm.compile(te.create_prim_func([W, sc, q]), target="llvm")
     dev = tvm.cpu()
     s, o = tvm.runtime.empty((N, K // 32), "float16", dev), tvm.runtime.empty((N, K), "uint32", dev)
@@ -159,7 +165,9 @@ def test_cache_reads_back_with_tvm_and_matches_tvms_own_writer(tiny_llama3, tmp_
         assert len(cache["records"]) >= 3
         for shard in cache["records"]:
             raw = (out / shard["dataPath"]).read_bytes()
-            assert shard["format"] == "raw-shard" and shard["nbytes"] == len(raw) <= max(cap, shard["records"][0]["nbytes"])
+            assert shard["format"] == "raw-shard" and shard["nbytes"] == len(raw) <= max(
+                cap, shard["records"][0]["nbytes"]
+            )
             assert shard["md5sum"] == hashlib.md5(raw).hexdigest()
             assert sum(r["nbytes"] for r in shard["records"]) == len(raw)
             assert all(r["format"] == "raw" for r in shard["records"])
@@ -258,9 +266,12 @@ def test_load_matches_pytorch_on_the_same_weights(fixture, kind, request, tmp_pa
             plain = pytorch.in_memory(dense)(input_ids=ids, use_cache=False).logits
         diff = (got - ref).abs().max().item()
         s = dense.layers[0]
-        print(f"\n{fixture} {shape} ({kind}: {s.n_heads}/{s.n_kv_heads} heads, n_ff {s.n_ff}) {quant}: max |logit diff| vs PyTorch on the "
-              f"same weights {diff:.2e} (|logits| <= {ref.abs().max().item():.2f}); vs the unquantised model "
-              f"{(got - plain).abs().max().item():.2e}, greedy agreement {agreement(got, plain):.3f}")
+        print(
+            f"\n{fixture} {shape} ({kind}: {s.n_heads}/{s.n_kv_heads} heads, n_ff {s.n_ff}) {quant}: max |logit "
+            "diff| vs PyTorch on the "
+            f"same weights {diff:.2e} (|logits| <= {ref.abs().max().item():.2f}); vs the unquantised model "
+            f"{(got - plain).abs().max().item():.2e}, greedy agreement {agreement(got, plain):.3f}"
+        )
         assert got.shape == ref.shape and diff < tol[quant], (quant, diff)
         if quant != "q4f16_1":
             assert agreement(got, ref) == 1.0
@@ -279,7 +290,9 @@ def test_q4f32_1_and_the_default_quant(tiny_gqa, tmp_path):
     ids = tiny.ids(24)
     plain = pytorch.in_memory(dense)(input_ids=ids, use_cache=False).logits.detach()
     got = mlc.load(tmp_path / "q4f32")(ids)
-    print(f"\ntiny_gqa q4f32_1: vs unquantised {(got - plain).abs().max().item():.2e}, greedy {agreement(got, plain):.3f}")
+    print(
+        f"\ntiny_gqa q4f32_1: vs unquantised {(got - plain).abs().max().item():.2e}, greedy {agreement(got, plain):.3f}"
+    )
     with pytest.raises(UserError, match="cannot write 'q3f16_1'"):
         mlc.emit(dense, tmp_path / "bad", tiny_gqa, quant="q3f16_1")
 
@@ -308,7 +321,8 @@ def test_chat_config_fields(tiny_gqa, tiny_llama3, tmp_path):
     dense = legal(em, Shape(em.strategy.space.depths[-1], 0.75), "q4f16_1")
     s = dense.layers[0]
     w = Workload(batch=4, prompt_len=100, gen_len=50)
-    emit(dense, tmp_path / "a", tiny_gqa, "q4f16_1", workload=w)
+    (tmp_path / "a").mkdir()
+    record = mlc.emit(dense, tmp_path / "a", tiny_gqa, quant="q4f16_1", workload=w).record
     cfg = json.loads((tmp_path / "a" / "mlc-chat-config.json").read_text())
     mc = cfg["model_config"]
     assert cfg["version"] == "0.1.0" and cfg["model_type"] == "llama" and cfg["quantization"] == "q4f16_1"
@@ -323,7 +337,7 @@ def test_chat_config_fields(tiny_gqa, tiny_llama3, tmp_path):
     assert cfg["tokenizer_files"] == ["tokenizer.json", "tokenizer_config.json"]
     assert cfg["conv_template"]["name"] == "LM" and cfg["conv_template"]["system_prefix_token_ids"] == [1]
     assert cfg["tokenizer_info"]["token_postproc_method"] == "byte_fallback"  # no decoder: MLC's default
-    assert dense.record["mlc"]["context_window_size"] == 160
+    assert record["context_window_size"] == 160
     # without a workload; a workload longer than the model's positions is refused
     emit(dense, tmp_path / "b", tiny_gqa, "q4f16_1")
     mc = json.loads((tmp_path / "b" / "mlc-chat-config.json").read_text())["model_config"]
@@ -341,11 +355,18 @@ def test_chat_config_fields(tiny_gqa, tiny_llama3, tmp_path):
 def test_conv_template_and_tokenizer_info_follow_the_tokenizer(tiny_gqa, tmp_path):
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa, seed=3))
     dense = legal(em, em.strategy.space.largest)
-    chatml = tokenizer_dir(tiny_gqa, tmp_path / "t-chatml",
-                           chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
-                           decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True})
-    llama3 = tokenizer_dir(tiny_gqa, tmp_path / "t-llama3", jinja="<|start_header_id|>{{ role }}<|end_header_id|>\n\n",
-                           decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True})
+    chatml = tokenizer_dir(
+        tiny_gqa,
+        tmp_path / "t-chatml",
+        chat_template="{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}",
+        decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    )
+    llama3 = tokenizer_dir(
+        tiny_gqa,
+        tmp_path / "t-llama3",
+        jinja="<|start_header_id|>{{ role }}<|end_header_id|>\n\n",
+        decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+    )
     spm = tokenizer_dir(tiny_gqa, tmp_path / "t-spm",
                         decoder={"type": "Sequence", "decoders": [
                             {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
@@ -435,8 +456,12 @@ def test_build_script_for_jetson_orin(emitted, tmp_path, monkeypatch):
 
 
 def test_build_script_for_an_android_device_and_skip_without_mlc(emitted, tmp_path, monkeypatch):
-    target = {"name": "pixel-8", "kind": "gpu", "arch": "adreno-740",
-              "flows": {"mlc": {"dtype": "q4f16_1", "device": "android", "efficiency": 0.5, "efficiency_source": "assumed"}}}
+    target = {
+        "name": "pixel-8",
+        "kind": "gpu",
+        "arch": "adreno-740",
+        "flows": {"mlc": {"dtype": "q4f16_1", "device": "android", "efficiency": 0.5, "efficiency_source": "assumed"}},
+    }
     out = tmp_path / "a"
     shutil.copytree(emitted, out)
     mlc.script(out, target)  # quant and sizes from the emitted config
@@ -519,7 +544,9 @@ def test_default_model_q4f16_1_and_q0f16(default_elastic, tmp_path):
         for name in ("model.embed_tokens." + ("q_weight" if quant == "q4f16_1" else "weight"), "model.norm.weight"):
             np.testing.assert_array_equal(theirs[name].numpy(), ours[name])
         cfg = json.loads((out / "mlc-chat-config.json").read_text())
-        assert cfg["conv_template"]["name"] == "chatml" and cfg["tokenizer_info"]["token_postproc_method"] == "byte_level"
+        assert (
+            cfg["conv_template"]["name"] == "chatml" and cfg["tokenizer_info"]["token_postproc_method"] == "byte_level"
+        )
         got = mlc.load(out)(ids)
         with torch.inference_mode():
             ref = reference_models(dense, quant)(input_ids=ids, use_cache=False).logits

@@ -5,18 +5,20 @@ import shutil
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.onnx import runtime as onnx_profiler
+from amoeba_export.flows.onnx import writer as ox
+from amoeba_export.flows.pytorch import writer as pytorch
 from amoeba_export.io import sha256_file
-from amoeba_export.exporters import onnx as ox
-from amoeba_export.exporters import pytorch
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import VERIFY_TEXT
 from amoeba_export.shapes import Shape
-from profilers import onnx as onnx_profiler
+from profilers.profile import profile_artifact
 from profilers.workload import Workload
 
 TOL = 1e-4
@@ -132,7 +134,7 @@ def test_large_models_use_external_data(tiny_gqa, exported, tmp_path, monkeypatc
     """Past the size limit the weights go to model.onnx.data (and model.opt.onnx.data after build)."""
     em, shape, _, _ = exported(tiny_gqa, "per-layer")
     monkeypatch.setattr(ox, "LARGE_BYTES", 0)
-    files = ox.emit(materialize(em, shape), tmp_path, em.dir)
+    files = ox.emit(materialize(em, shape), tmp_path, em.dir).files
     assert ox.DATA_FILE in files and ox.read_config(tmp_path)["external_data"] == ox.DATA_FILE
     assert ox.build(tmp_path, {"name": "host"})["built"] == [ox.OPT_FILE, ox.OPT_DATA_FILE]
     assert (tmp_path / ox.OPT_DATA_FILE).stat().st_size > (tmp_path / ox.OPT_FILE).stat().st_size
@@ -180,7 +182,7 @@ def test_build_writes_an_optimised_graph_with_the_same_logits(tiny_qwen, exporte
 def test_profiler_record_structure(tiny_gqa, exported):
     _, _, _, out = exported(tiny_gqa, "per-layer")
     w = Workload(batch=2, prompt_len=8, gen_len=4, metric="e2e")
-    r = onnx_profiler.profile_artifact(out, w, threads=1, min_repeats=5, max_repeats=8, max_seconds=5, warmup=1)
+    r = profile_artifact(FLOWS["onnx"], out, w, threads=1, min_repeats=5, max_repeats=8, max_seconds=5, warmup=1)
     assert set(r) == {"workload", "timings", "environment", "artifact", "runtime", "measure"}
     assert r["workload"] == w.to_json() and set(r["timings"]) == {"ttft", "tpot", "e2e"}
     for t in r["timings"].values():
@@ -189,10 +191,10 @@ def test_profiler_record_structure(tiny_gqa, exported):
     rt = r["runtime"]
     assert rt["flow"] == "onnx" and rt["threads"] == 1 and rt["inter_op_threads"] == 1
     assert rt["provider"] == "CPUExecutionProvider" and rt["model_file"] in (ox.MODEL_FILE, ox.OPT_FILE)
-    assert r["environment"]["ort_intra_op_threads"] == 1
+    assert r["runtime"]["ort_intra_op_threads"] == 1
     json.dumps(r)
     with pytest.raises(UserError, match="max_position_embeddings"):
-        onnx_profiler.profile_artifact(out, Workload(1, 300, 4), threads=1)
+        profile_artifact(FLOWS["onnx"], out, Workload(1, 300, 4), threads=1)
 
 
 def test_profiler_steps_are_the_greedy_decode(tiny_gqa, exported):
@@ -200,7 +202,11 @@ def test_profiler_steps_are_the_greedy_decode(tiny_gqa, exported):
     em, shape, _, out = exported(tiny_gqa, "uniform")
     sess, config, _ = onnx_profiler.load_artifact(out, threads=1)
     ids = Workload(2, 6, 5).prompt_ids(config["vocab_size"], seed=3)
-    got = ox.generate(sess, config, ids, 5)
+    steps = onnx_profiler.Steps(sess, config, batch=2)
+    got = [steps.prefill(ids)]
+    while len(got) < 5:
+        got.append(steps.decode(got[-1]))
+    got = np.concatenate(got, axis=1)
     seq = torch.from_numpy(ids)
     for _ in range(5):
         seq = torch.cat([seq, em.logits(seq, shape)[:, -1].argmax(-1, keepdim=True)], 1)
@@ -232,7 +238,7 @@ def test_genai_folder_generates_like_transformers(tmp_path_factory):
     dense = materialize(em, shape_of(em, "uniform"))
     assert dense.uniform and ox.genai_blocker(dense) is None
     out = tmp_path_factory.mktemp("onnx-genai")
-    files = ox.emit(dense, out, em.dir)
+    files = ox.emit(dense, out, em.dir).files
     config = json.loads((out / ox.CONFIG_FILE).read_text())
     assert config["genai"]["built"] is True, config["genai"]
     assert "genai/genai_config.json" in files and "genai/model.onnx" in files

@@ -5,16 +5,27 @@ import json
 
 import numpy as np
 import pytest
+import tiny
 import torch
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import pytorch as pytorch_exporter
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.pytorch import runtime as prof
+from amoeba_export.flows.pytorch import writer as pytorch_exporter
 from amoeba_export.materialize import materialize
-from profilers import pytorch as prof
-from profilers.timing import (Timing, environment, is_stable, measure, percentile, physical_cores,
-                              pinned_threads, skew_warnings)
+from profilers.profile import profile_artifact
+from profilers.timing import (
+    Timing,
+    environment,
+    is_stable,
+    measure,
+    percentile,
+    physical_cores,
+    pinned_threads,
+    skew_warnings,
+    time_steps,
+)
 from profilers.workload import Workload
 
 FAST = dict(warmup=1, min_repeats=3, max_repeats=5, max_seconds=5.0)
@@ -224,6 +235,13 @@ def models(exported):
     return {k: prof.load_artifact(v) for k, v in exported.items()}
 
 
+def time_workload(model, workload, metrics=None, **measure_kwargs):
+    """The PyTorch runtime's steps through the one timing loop, as `profile_artifact` runs them."""
+    metrics, _ = workload.timed(metrics, model.config.max_position_embeddings, "max_position_embeddings")
+    ids = torch.from_numpy(workload.prompt_ids(model.config.vocab_size))
+    return time_steps(prof.Steps(model), ids, workload, metrics, **measure_kwargs)
+
+
 def record_calls(model):
     """Forward pre-hook: (input_ids shape, per-layer cache lengths or None, logits_to_keep) per call."""
     calls = []
@@ -244,7 +262,7 @@ def test_load_artifact_classes(models):
 def test_time_workload_all_metrics(models):
     w = Workload(batch=1, prompt_len=16, gen_len=4, metric="e2e")
     for model in models.values():
-        out = prof.time_workload(model, w, device="cpu", **FAST)
+        out = time_workload(model, w, **FAST)
         assert set(out) == {"ttft", "tpot", "e2e"}
         for t in out.values():
             assert t.median > 0 and t.n == len(t.samples) >= FAST["min_repeats"]
@@ -256,7 +274,7 @@ def test_tpot_steps_one_token_from_a_prompt_len_cache(models):
     for model in models.values():
         calls, handle = record_calls(model)
         try:
-            t = prof.time_workload(model, Workload(batch=2, prompt_len=P), device="cpu", metrics=("tpot",),
+            t = time_workload(model, Workload(batch=2, prompt_len=P), metrics=("tpot",),
                                    warmup=2, min_repeats=5, max_repeats=8, max_seconds=5.0)["tpot"]
         finally:
             handle.remove()
@@ -275,7 +293,7 @@ def test_ttft_is_one_prefill_over_the_prompt(models):
     seen = []
     embed = model.get_input_embeddings().register_forward_hook(lambda m, a, o: seen.append(tuple(a[0].shape)))
     try:
-        t = prof.time_workload(model, Workload(batch=2, prompt_len=64), device="cpu", metrics=("ttft",), **FAST)["ttft"]
+        t = time_workload(model, Workload(batch=2, prompt_len=64), metrics=("ttft",), **FAST)["ttft"]
     finally:
         handle.remove()
         embed.remove()
@@ -288,7 +306,7 @@ def test_e2e_is_prefill_plus_decode_to_gen_len(models):
     model = models["uniform"]
     calls, handle = record_calls(model)
     try:
-        t = prof.time_workload(model, Workload(prompt_len=8, gen_len=5, metric="e2e"), device="cpu",
+        t = time_workload(model, Workload(prompt_len=8, gen_len=5, metric="e2e"),
                                metrics=("e2e",), **FAST)["e2e"]
     finally:
         handle.remove()
@@ -319,7 +337,9 @@ def test_rewind_restores_the_cache_state(models):
 
 def test_profile_artifact_record(exported):
     before = torch.get_num_threads()
-    rec = prof.profile_artifact(exported["per_layer"], Workload(prompt_len=8, gen_len=3), threads=1, **FAST)
+    rec = profile_artifact(
+        FLOWS["pytorch"], exported["per_layer"], Workload(prompt_len=8, gen_len=3), threads=1, **FAST
+    )
     assert torch.get_num_threads() == before
     rec = json.loads(json.dumps(rec))  # JSON-serialisable
     assert rec["workload"] == {"batch": 1, "prompt_len": 8, "gen_len": 3, "metric": "tpot"}
@@ -338,7 +358,7 @@ def test_profiler_user_errors(exported, models, tmp_path):
     with pytest.raises(UserError):
         prof.load_artifact(exported["uniform"], dtype="float8")
     with pytest.raises(UserError, match="max_position_embeddings"):
-        prof.time_workload(models["uniform"], Workload(prompt_len=300), device="cpu")
+        prof.open(exported["uniform"], Workload(prompt_len=300))
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA"):
             prof.load_artifact(exported["uniform"], device="cuda")
@@ -369,7 +389,7 @@ def test_device_profilers_refuse_where_they_cannot_run():
     from profilers.profile import cannot_measure
     from targets import load_target
 
-    assert cannot_measure(load_target("host"), "pytorch") is None
-    assert "times a GPU" in cannot_measure(load_target("host"), "mlc")
-    assert "not the a5000's GPU" in cannot_measure(load_target("a5000"), "gguf")
-    assert "no visible GPU" in cannot_measure(load_target("jetson-orin"), "mlc")
+    assert cannot_measure(load_target("host"), FLOWS["pytorch"]) is None
+    assert "times a GPU" in cannot_measure(load_target("host"), FLOWS["mlc"])
+    assert "not the a5000's GPU" in cannot_measure(load_target("a5000"), FLOWS["gguf"])
+    assert "no visible GPU" in cannot_measure(load_target("jetson-orin"), FLOWS["mlc"])

@@ -6,8 +6,8 @@ import math
 import random
 
 import pytest
-
 import tiny
+
 import trainer.data as data
 from amoeba_export import score
 from amoeba_export.elastic import ElasticModel
@@ -92,8 +92,12 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(setup, tmp_path, mon
     assert not list(tmp_path.glob(".*partial*"))  # no temporary file left behind
 
     evaluated = []
-    monkeypatch.setattr(score, "score_shape", lambda fn, *a, _real=score.score_shape: evaluated.append(1) or _real(fn, *a))
-    monkeypatch.setattr(elastic, "logits_fn", lambda shape, _real=elastic.logits_fn: evaluated.append(shape) or _real(shape))
+    monkeypatch.setattr(
+        score, "score_shape", lambda fn, *a, _real=score.score_shape: evaluated.append(1) or _real(fn, *a)
+    )
+    monkeypatch.setattr(
+        elastic, "logits_fn", lambda shape, _real=elastic.logits_fn: evaluated.append(shape) or _real(shape)
+    )
     monkeypatch.setattr(score, "perplexity", real)
     table = score.score_shapes(elastic, shapes, cfg, out, progress=False, strategy_dir=sdir)
     assert [s for s in evaluated if s != 1] == shapes[2:]

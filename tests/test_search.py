@@ -5,8 +5,15 @@ import pytest
 
 from amoeba_export.errors import UserError
 from amoeba_export.search import (
-    SearchResult, format_bytes, format_time, pareto_front, parse_bytes, parse_time, plot_pareto,
-    search, summary_rows,
+    SearchResult,
+    format_bytes,
+    format_time,
+    pareto_front,
+    parse_bytes,
+    parse_time,
+    plot_pareto,
+    search,
+    summary_rows,
 )
 from amoeba_export.shapes import Shape
 

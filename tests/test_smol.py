@@ -15,6 +15,7 @@ from test_upstream import make_upstream, save_upstream
 from amoeba_export.adapter import LoRA, load_adapter
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.flows import FLOWS
 from amoeba_export.materialize import materialize
 from amoeba_export.pipeline import compile_shape
 from amoeba_export.shapes import Shape
@@ -43,7 +44,10 @@ def check_every_shape(em, tmp_path, what: str) -> float:
         diff = (em.logits(ids, shape) - logits(ids)).abs().max().item()
         assert diff < TOL, (shape, diff)
         worst = max(worst, diff)
-    print(f"\n{what}: {len(em.strategy.space)} shapes, max |Δlogit| exported vs masked adapter forward = {worst:.2e} (fp32)")
+    print(
+        f"\n{what}: {len(em.strategy.space)} shapes, max |Δlogit| exported vs masked adapter forward = {worst:.2e} "
+        "(fp32)"
+    )
     return worst
 
 
@@ -57,7 +61,9 @@ def test_smol_export_matches_masked_forward_for_every_shape(setup, tmp_path):
     assert len(chosen) > 1  # the router picks different experts for different shapes
     shape = em.strategy.space.smallest
     plain = ElasticModel(em.dir, em.strategy)
-    assert (plain.logits(tiny.ids(24), shape) - em.logits(tiny.ids(24), shape)).abs().max() > 1e-2  # the adapter matters
+    assert (
+        plain.logits(tiny.ids(24), shape) - em.logits(tiny.ids(24), shape)
+    ).abs().max() > 1e-2  # the adapter matters
     assert materialize(em, shape).record["adapter"]["experts"] == smol.gate(shape)[1]
 
 
@@ -120,7 +126,11 @@ def test_save_load_round_trip_is_byte_identical(setup, tmp_path):
     assert isinstance(back, SMOL)
     back.save(tmp_path / "b")
     for name in ("adapter.json", "adapter.safetensors"):
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes() == (tmp_path / "a2" / name).read_bytes()
+        assert (
+            (tmp_path / "a" / name).read_bytes()
+            == (tmp_path / "b" / name).read_bytes()
+            == (tmp_path / "a2" / name).read_bytes()
+        )
     back.bind(em.strategy)
     for shape in em.strategy.space:
         assert back.gate(shape)[1] == smol.gate(shape)[1] and torch.equal(back.gate(shape)[0], smol.gate(shape)[0])
@@ -166,7 +176,9 @@ def peft_dir(tiny_gqa, tmp_path_factory):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_gqa, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -213,9 +225,13 @@ def test_peft_rslora_and_unsupported_features(setup, peft_dir, tmp_path):
     assert {d.scale for d in lora.deltas.values()} == {8 / 2}  # alpha / sqrt(r)
     em, ids = ElasticModel(em0.dir, em0.strategy, lora), tiny.ids(24, seed=2)
     assert (em.logits(ids, em.strategy.space.largest) - peft_logits(em.dir, rs, ids)).abs().max() < TOL
-    for change, needle in [({"use_dora": True}, "DoRA"), ({"lora_bias": True}, "LoRA biases"),
-                           ({"bias": "all"}, "bias='all'"), ({"init_lora_weights": "pissa"}, "rewrote the base weights"),
-                           ({"target_modules": ["q_proj"]}, "does not target")]:
+    for change, needle in [
+        ({"use_dora": True}, "DoRA"),
+        ({"lora_bias": True}, "LoRA biases"),
+        ({"bias": "all"}, "bias='all'"),
+        ({"init_lora_weights": "pissa"}, "rewrote the base weights"),
+        ({"target_modules": ["q_proj"]}, "does not target"),
+    ]:
         (rs / "adapter_config.json").write_text(json.dumps({**cfg, **change}))
         with pytest.raises(UserError, match=needle):
             load_adapter(rs, em0.info)
@@ -299,9 +315,17 @@ def upstream_forward(t, doc, L, width_choice_text, shape, layer, proj, scale):
     feature = torch.zeros(len(width_choice))
     feature[width_choice.index(shape.width)] = 1
     x = torch.cat([mask, feature])
-    router = torch.nn.Sequential(torch.nn.Linear(x.numel(), 16), torch.nn.Linear(16, t[f"{ROUTER}.topkroute_linear.1.bias"].numel()))
-    router.load_state_dict({"0.weight": t[f"{ROUTER}.topkroute_linear.0.weight"], "0.bias": t[f"{ROUTER}.topkroute_linear.0.bias"],
-                            "1.weight": t[f"{ROUTER}.topkroute_linear.1.weight"], "1.bias": t[f"{ROUTER}.topkroute_linear.1.bias"]})
+    router = torch.nn.Sequential(
+        torch.nn.Linear(x.numel(), 16), torch.nn.Linear(16, t[f"{ROUTER}.topkroute_linear.1.bias"].numel())
+    )
+    router.load_state_dict(
+        {
+            "0.weight": t[f"{ROUTER}.topkroute_linear.0.weight"],
+            "0.bias": t[f"{ROUTER}.topkroute_linear.0.bias"],
+            "1.weight": t[f"{ROUTER}.topkroute_linear.1.weight"],
+            "1.bias": t[f"{ROUTER}.topkroute_linear.1.bias"],
+        }
+    )
     with torch.no_grad():
         logits = router(x)
     top, indices = logits.topk(2, dim=-1)
@@ -324,7 +348,9 @@ def test_upstream_checkpoint_import_and_export(setup, tmp_path, capsys):
     assert smol.n_experts == 3 and smol.r == 4 and smol.scale == 16 / 4 and smol.top_k == 2
     assert smol.width_choice == [1.0, 0.875, 0.75] and smol.meta["path"].endswith("checkpoint-10/adapter_model")
     assert smol.meta["ignored_tensors"] == ["base_model.model.model.embed_tokens.weight"]
-    assert sorted(strategy.widths) == [0.75, 0.875, 1.0] and strategy.meta["dropped_widths"] == ["0.5"]  # no router input
+    assert sorted(strategy.widths) == [0.75, 0.875, 1.0] and strategy.meta["dropped_widths"] == [
+        "0.5"
+    ]  # no router input
     for shape in strategy.space:
         for layer, proj in [(strategy.layers(shape.depth)[0], "q_proj"), (L - 1, "down_proj"), (2, "v_proj")]:
             gate, chosen, dW = upstream_forward(t, doc, L, "[1,7/8,3/4]", shape, layer, proj, 16 / 4)
@@ -334,8 +360,17 @@ def test_upstream_checkpoint_import_and_export(setup, tmp_path, capsys):
             torch.testing.assert_close(smol.delta(shape, layer, proj).weight(), dW, atol=1e-5, rtol=1e-5)
 
     # the CLI writes our formats; an imported checkpoint exports with parity, gate recorded
-    code, _, err = tiny.run_cli(capsys, "import-checkpoint", str(tmp_path / "amoeba_llama2"), "--strategy-npy", str(npy),
-                                "--model", str(em0.dir), "--out", str(tmp_path / "imported"))
+    code, _, err = tiny.run_cli(
+        capsys,
+        "import-checkpoint",
+        str(tmp_path / "amoeba_llama2"),
+        "--strategy-npy",
+        str(npy),
+        "--model",
+        str(em0.dir),
+        "--out",
+        str(tmp_path / "imported"),
+    )
     assert code == 0, err
     assert "dropped strategy widths 0.5" in err
     em = ElasticModel(em0.dir, None)
@@ -345,8 +380,16 @@ def test_upstream_checkpoint_import_and_export(setup, tmp_path, capsys):
     em.adapter = load_adapter(tmp_path / "imported" / "adapter", info)
     worst = 0.0
     for shape in (em.strategy.space.smallest, Shape(5, 0.875), em.strategy.space.largest):
-        res = compile_shape(em, shape, "pytorch", HOST, tmp_path / f"out-{shape}", strategy_dir=tmp_path / "imported" / "strategy",
-                            adapter_dir=tmp_path / "imported" / "adapter", build=False)
+        res = compile_shape(
+            em,
+            shape,
+            FLOWS["pytorch"],
+            HOST,
+            tmp_path / f"out-{shape}",
+            strategy_dir=tmp_path / "imported" / "strategy",
+            adapter_dir=tmp_path / "imported" / "adapter",
+            build=False,
+        )
         rec = res.manifest["materialize"]["adapter"]
         gate, chosen, _ = upstream_forward(t, doc, L, "[1,7/8,3/4]", shape, 0, "q_proj", 4.0)
         assert rec["experts"] == chosen and rec["deterministic"]

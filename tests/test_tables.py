@@ -3,10 +3,11 @@ import json
 
 import numpy as np
 import pytest
-
 import tiny
+
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
+from amoeba_export.flows import FLOWS
 from amoeba_export.materialize import materialize
 from profilers.profile import profile_table
 from profilers.tables import REPEAT_ERROR, LatencyTable, build_estimated, build_measured, features
@@ -126,7 +127,7 @@ def test_estimated_table_says_so(plans):
 def test_profile_host_pytorch_end_to_end(tiny_gqa, tmp_path):
     """Real exports timed by the PyTorch profiler (tiny model, few repeats): a complete table."""
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa, seed=1))
-    table, path = profile_table(em, load_target("host"), "pytorch", Workload(1, 8, 4, "tpot"), n_validate=2,
+    table, path = profile_table(em, load_target("host"), FLOWS["pytorch"], Workload(1, 8, 4, "tpot"), n_validate=2,
                                 threads=1, root=tmp_path, warmup=1, min_repeats=3, max_repeats=5)
     assert path.is_file() and not (path.parent / f".{path.name}.checkpoint").exists()
     measured = [e for e in table.entries.values() if "measured" in e]
@@ -136,4 +137,4 @@ def test_profile_host_pytorch_end_to_end(tiny_gqa, tmp_path):
     hw = table.provenance["hardware"]
     assert hw["cores"] >= 1 and hw["memory_gib"] >= 1 and hw["bandwidth_gbs"] > 0 and table.source == "measured"
     with pytest.raises(UserError, match="measures the machine it runs on"):
-        profile_table(em, load_target("a5000"), "pytorch", Workload(), root=tmp_path)
+        profile_table(em, load_target("a5000"), FLOWS["pytorch"], Workload(), root=tmp_path)

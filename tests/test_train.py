@@ -116,7 +116,9 @@ def test_training_forward_is_the_masked_reference_with_the_exported_adapter(run_
     from amoeba_export.strategy import Strategy
 
     strategy = Strategy.load(root / "strategy")
-    smol = SMOL.random(ElasticModel(model_dir).info, sorted(strategy.widths, reverse=True), n_experts=3, top_k=2, seed=1)
+    smol = SMOL.random(
+        ElasticModel(model_dir).info, sorted(strategy.widths, reverse=True), n_experts=3, top_k=2, seed=1
+    )
     net = Supernet(ElasticModel(model_dir, strategy), Mixture(smol))
     reference = ElasticModel(model_dir, strategy)
     reference.adapter = net.mixture.to_smol()
@@ -126,7 +128,9 @@ def test_training_forward_is_the_masked_reference_with_the_exported_adapter(run_
     with torch.no_grad():
         for shape in strategy.space:
             worst = max(worst, (net(ids, pos, shape) - reference.logits(ids, shape)).abs().max().item())
-    print(f"\ntraining forward vs masked reference with the exported SMOL, all {len(strategy.space)} shapes: {worst:.2e}")
+    print(
+        f"\ntraining forward vs masked reference with the exported SMOL, all {len(strategy.space)} shapes: {worst:.2e}"
+    )
     assert worst < 1e-4
 
 
@@ -135,7 +139,9 @@ def test_gate_gradients_reach_router_and_selected_experts_only(run_inputs):
     from amoeba_export.strategy import Strategy
 
     strategy = Strategy.load(root / "strategy")
-    smol = SMOL.random(ElasticModel(model_dir).info, sorted(strategy.widths, reverse=True), n_experts=3, top_k=2, seed=1)
+    smol = SMOL.random(
+        ElasticModel(model_dir).info, sorted(strategy.widths, reverse=True), n_experts=3, top_k=2, seed=1
+    )
     net = Supernet(ElasticModel(model_dir, strategy), Mixture(smol))
     shape = strategy.space.smallest
     g, chosen = net.mixture.route(shape)
@@ -197,7 +203,9 @@ def test_sandwich_and_mlfs_pools():
 
 def test_train_improves_every_shape_and_exports(run_inputs, tmp_path):
     model_dir, root = run_inputs
-    report = train(model_dir, root / "strategy", config(root, steps=20, save_every=10), tmp_path / "run", progress=False)
+    report = train(
+        model_dir, root / "strategy", config(root, steps=20, save_every=10), tmp_path / "run", progress=False
+    )
     before, after = report["before"], report["after"]
     assert len(before) == 12 and set(before) == set(after)
     better = [s for s in before if after[s] < before[s]]
@@ -226,11 +234,20 @@ def test_resume_continues_exactly(run_inputs, tmp_path):
     train(model_dir, root / "strategy", config(root, steps=6, save_every=3, eval_pairs=0), whole, progress=False)
     part = tmp_path / "part"
     train(model_dir, root / "strategy", config(root, steps=3, save_every=3, eval_pairs=0), part, progress=False)
-    train(model_dir, root / "strategy", config(root, steps=6, save_every=3, eval_pairs=0), part, resume=True, progress=False)
+    train(
+        model_dir,
+        root / "strategy",
+        config(root, steps=6, save_every=3, eval_pairs=0),
+        part,
+        resume=True,
+        progress=False,
+    )
     a = (whole / "adapter" / "adapter.safetensors").read_bytes()
     b = (part / "adapter" / "adapter.safetensors").read_bytes()
     assert a == b
-    assert (whole / "train_log.jsonl").read_text().count("\n") == (part / "train_log.jsonl").read_text().count("\n") == 6
+    assert (
+        (whole / "train_log.jsonl").read_text().count("\n") == (part / "train_log.jsonl").read_text().count("\n") == 6
+    )
     # a run killed before its end is still an --adapter: its newest checkpoint
     from amoeba_export.adapter import resolve_adapter_dir
 
@@ -244,7 +261,9 @@ def test_resume_skips_a_damaged_checkpoint(run_inputs, tmp_path, capsys):
     so in one line, continues from the checkpoint before, and ends as an uninterrupted run does."""
     model_dir, root = run_inputs
     whole = tmp_path / "whole"
-    train(model_dir, root / "strategy", config(root, steps=6, save_every=2, keep=3, eval_pairs=0), whole, progress=False)
+    train(
+        model_dir, root / "strategy", config(root, steps=6, save_every=2, keep=3, eval_pairs=0), whole, progress=False
+    )
     part = tmp_path / "part"
     train(model_dir, root / "strategy", config(root, steps=4, save_every=2, keep=3, eval_pairs=0), part, progress=False)
     (part / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4, "conf')
@@ -254,21 +273,40 @@ def test_resume_skips_a_damaged_checkpoint(run_inputs, tmp_path, capsys):
     train(model_dir, root / "strategy", config(root, steps=6, save_every=2, keep=3, eval_pairs=0), part, resume=True,
           progress=False)
     assert "skipping damaged checkpoint checkpoint-4" in capsys.readouterr().err
-    assert (whole / "adapter" / "adapter.safetensors").read_bytes() == (part / "adapter" / "adapter.safetensors").read_bytes()
+    assert (whole / "adapter" / "adapter.safetensors").read_bytes() == (
+        part / "adapter" / "adapter.safetensors"
+    ).read_bytes()
     steps = [json.loads(line)["step"] for line in (part / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(6))
 
 
 def test_ablations_and_mlfs_run(run_inputs, tmp_path):
     model_dir, root = run_inputs
-    lora = train(model_dir, root / "strategy", config(root, adapter="lora", steps=4, eval_pairs=4), tmp_path / "lora", progress=False)
+    lora = train(
+        model_dir,
+        root / "strategy",
+        config(root, adapter="lora", steps=4, eval_pairs=4),
+        tmp_path / "lora",
+        progress=False,
+    )
     smol = SMOL.load(tmp_path / "lora" / "adapter")
     assert smol.n_experts == 1 and smol.top_k == 1 and lora["config"]["adapter"] == "lora"
-    train(model_dir, root / "strategy", config(root, balancing=False, steps=2, eval_pairs=0), tmp_path / "nb", progress=False)
+    train(
+        model_dir,
+        root / "strategy",
+        config(root, balancing=False, steps=2, eval_pairs=0),
+        tmp_path / "nb",
+        progress=False,
+    )
     log = [json.loads(line) for line in (tmp_path / "nb" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 2
-    train(model_dir, root / "strategy", config(root, schedule="mlfs", stages=2, steps=4, eval_pairs=0), tmp_path / "mlfs",
-          progress=False)
+    train(
+        model_dir,
+        root / "strategy",
+        config(root, schedule="mlfs", stages=2, steps=4, eval_pairs=0),
+        tmp_path / "mlfs",
+        progress=False,
+    )
     log = [json.loads(line) for line in (tmp_path / "mlfs" / "train_log.jsonl").read_text().splitlines()]
     first_stage = {s for e in log[:2] for m in e["shapes"] for s in m}
     assert "3x0.5" not in first_stage  # the smallest shape waits for the last stage
@@ -277,8 +315,27 @@ def test_ablations_and_mlfs_run(run_inputs, tmp_path):
 
 def test_cli_refuses_in_one_line(run_inputs, tmp_path, capsys):
     model_dir, root = run_inputs
-    common = ["train", "--model", str(model_dir), "--strategy", str(root / "strategy"), "--data", str(root / "data.jsonl"),
-              "--seq-len", "128", "--rank", "4", "--experts", "3", "--steps", "1", "--eval-pairs", "0", "--heldout", "0.1"]
+    common = [
+        "train",
+        "--model",
+        str(model_dir),
+        "--strategy",
+        str(root / "strategy"),
+        "--data",
+        str(root / "data.jsonl"),
+        "--seq-len",
+        "128",
+        "--rank",
+        "4",
+        "--experts",
+        "3",
+        "--steps",
+        "1",
+        "--eval-pairs",
+        "0",
+        "--heldout",
+        "0.1",
+    ]
     main(common + ["--out", str(tmp_path / "r")])
     for extra, message in (
         (["--out", str(tmp_path / "r")], "already holds a training run; pass --resume"),

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors import safe_open
 
-import tiny
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
-from amoeba_export.exporters import trtllm
+from amoeba_export.flows import FLOWS
+from amoeba_export.flows.trtllm import writer as trtllm
 from amoeba_export.io import safetensors_header, sha256_file
 from amoeba_export.legalize import legalize
 from amoeba_export.materialize import materialize
@@ -37,7 +38,9 @@ LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_fre
 MODELS = {  # head_dim 32 is in TensorRT-LLM's kernel set (conftest's tiny models use 16)
     "gqa_tied": dict(hidden=64, heads=2, kv_heads=1, head_dim=32, ff=96, seed=5),
     "mha_qkv_bias_untied": dict(hidden=64, heads=2, kv_heads=2, head_dim=32, ff=96, tied=False, qkv_bias=True, seed=6),
-    "gqa_llama3": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, ff=160, tied=False, seed=7, rope_parameters=LLAMA3),
+    "gqa_llama3": dict(
+        hidden=128, heads=4, kv_heads=2, head_dim=32, ff=160, tied=False, seed=7, rope_parameters=LLAMA3
+    ),
 }
 WORKLOAD = Workload(batch=2, prompt_len=100, gen_len=28)
 
@@ -57,7 +60,7 @@ N_TOKENS = 24  # > 16 positions: the llama3 scaling (original context 16) matter
 def export(em, shape, out: Path, dtype=None, quant=None):
     dense, _ = legalize(materialize(em, shape, dtype), trtllm.CAPS, flow="trtllm", quant=quant)
     out.mkdir(parents=True)
-    files = trtllm.emit(dense, out, em.dir, quant=quant)
+    files = trtllm.emit(dense, out, em.dir, quant=quant).files
     return dense, files
 
 
@@ -138,11 +141,22 @@ def test_config_and_tensor_layout(models, tmp_path):
     want = {"transformer.vocab_embedding.weight": (V, H), "transformer.ln_f.weight": (H,), "lm_head.weight": (V, H)}
     for j in range(len(dense.layers)):
         p = f"transformer.layers.{j}."
-        want.update({p + "input_layernorm.weight": (H,), p + "post_layernorm.weight": (H,),
-                     p + "attention.qkv.weight": ((NH + 2 * NKV) * D, H), p + "attention.qkv.bias": ((NH + 2 * NKV) * D,),
-                     p + "attention.dense.weight": (H, NH * D), p + "attention.dense.bias": (H,),
-                     p + "mlp.fc.weight": (F, H), p + "mlp.fc.bias": (F,), p + "mlp.gate.weight": (F, H),
-                     p + "mlp.gate.bias": (F,), p + "mlp.proj.weight": (H, F), p + "mlp.proj.bias": (H,)})
+        want.update(
+            {
+                p + "input_layernorm.weight": (H,),
+                p + "post_layernorm.weight": (H,),
+                p + "attention.qkv.weight": ((NH + 2 * NKV) * D, H),
+                p + "attention.qkv.bias": ((NH + 2 * NKV) * D,),
+                p + "attention.dense.weight": (H, NH * D),
+                p + "attention.dense.bias": (H,),
+                p + "mlp.fc.weight": (F, H),
+                p + "mlp.fc.bias": (F,),
+                p + "mlp.gate.weight": (F, H),
+                p + "mlp.gate.bias": (F,),
+                p + "mlp.proj.weight": (H, F),
+                p + "mlp.proj.bias": (H,),
+            }
+        )
     assert {k: tuple(v.shape) for k, v in t.items()} == want
     hf = tensors(tmp_path / "p" / "model.safetensors")
     for j in range(len(dense.layers)):
@@ -152,7 +166,10 @@ def test_config_and_tensor_layout(models, tmp_path):
             assert torch.equal(t[p + f"attention.qkv.{kind}"], qkv)
             for trt, src in (("attention.dense", "self_attn.o_proj"), ("mlp.fc", "mlp.gate_proj"),
                              ("mlp.gate", "mlp.up_proj"), ("mlp.proj", "mlp.down_proj")):
-                assert t[p + f"{trt}.{kind}"].numpy().tobytes() == hf[h + f"{src}.{kind}"].numpy().tobytes(), (trt, kind)
+                assert t[p + f"{trt}.{kind}"].numpy().tobytes() == hf[h + f"{src}.{kind}"].numpy().tobytes(), (
+                    trt,
+                    kind,
+                )
         # the base has no gate/up biases: mlp_bias (for the compensation on proj) needs explicit zeros
         assert not t[p + "mlp.fc.bias"].any() and not t[p + "mlp.gate.bias"].any()
     assert any(t[f"transformer.layers.{j}.mlp.proj.bias"].any() for j in range(len(dense.layers)))
@@ -273,10 +290,20 @@ def write_script(out: Path, target: str, quant=None, workload=WORKLOAD) -> str:
 def test_build_script_contents(artifact, target, arch, cap, quant):
     text = write_script(artifact, target, quant)
     ckpt_dir = "trtllm_checkpoint" if quant is None else "trtllm_checkpoint_int4_awq"
-    for flag in (f"--checkpoint_dir {ckpt_dir} --output_dir engine", "--gemm_plugin float16", "--gpt_attention_plugin float16",
-                 "--max_batch_size 2", "--max_input_len 100", "--max_seq_len 128", "--max_num_tokens 200",
-                 "--max_beam_width 1", "--kv_cache_type paged", "--remove_input_padding enable",
-                 "--context_fmha enable", "--workers 1"):
+    for flag in (
+        f"--checkpoint_dir {ckpt_dir} --output_dir engine",
+        "--gemm_plugin float16",
+        "--gpt_attention_plugin float16",
+        "--max_batch_size 2",
+        "--max_input_len 100",
+        "--max_seq_len 128",
+        "--max_num_tokens 200",
+        "--max_beam_width 1",
+        "--kv_cache_type paged",
+        "--remove_input_padding enable",
+        "--context_fmha enable",
+        "--workers 1",
+    ):
         assert flag in text, flag
     assert "set -euo pipefail" in text and 'cd "$(dirname "$0")"' in text
     assert "nvidia-smi --query-gpu=compute_cap" in text and f'[[ $cap != "{cap}" ]]' in text and arch in text
@@ -311,7 +338,10 @@ def test_weight_only_script_without_mlp_bias(models, tmp_path):
     em = elastic(models["gqa_tied"])
     export(em, em.strategy.space.largest, tmp_path / "w")  # full width: no bias
     text = write_script(tmp_path / "w", "a5000", "int8_wo")
-    assert "--use_weight_only --weight_only_precision int8" in text and "--checkpoint_dir trtllm_checkpoint_int8_wo" in text
+    assert (
+        "--use_weight_only --weight_only_precision int8" in text
+        and "--checkpoint_dir trtllm_checkpoint_int8_wo" in text
+    )
     assert "--weight_only_precision int4" in write_script(tmp_path / "w", "a5000", "int4_wo")
 
 
@@ -425,7 +455,7 @@ def test_compile_for_jetson_writes_the_script_and_verifies(models, tmp_path):
     from amoeba_export.pipeline import compile_shape
 
     em = elastic(models["gqa_llama3"])
-    res = compile_shape(em, em.strategy.space.smallest, "trtllm", load_target("jetson-orin"), tmp_path / "j")
+    res = compile_shape(em, em.strategy.space.smallest, FLOWS["trtllm"], load_target("jetson-orin"), tmp_path / "j")
     m = res.manifest
     assert m["dtype"] == "int4_awq" and m["emitted"][-3:] == ["trtllm_checkpoint/config.json",
                                                                "trtllm_checkpoint/rank0.safetensors", "build.sh"]

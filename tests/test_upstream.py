@@ -44,7 +44,9 @@ def make_model(n_kv: int = 4) -> dict:
 def make_upstream(model: dict, ratios=(1.0, 0.875, 0.75), seed: int = 0, prefix: str = PREFIX):
     """An upstream dict plus what it should import as: (doc, depths, widths{w: (heads, channels, ob, db)})."""
     rng = np.random.default_rng(seed)
-    L, hd, nq, nkv, nff, h = (model[k] for k in ("n_layers", "head_dim", "n_heads", "n_kv_heads", "n_ff", "hidden_size"))
+    L, hd, nq, nkv, nff, h = (
+        model[k] for k in ("n_layers", "head_dim", "n_heads", "n_kv_heads", "n_ff", "hidden_size")
+    )
     strategy, depths = {}, {L: list(range(L))}
     for m in (1, 2, 3):
         drop = sorted(rng.choice(L - 1, size=m, replace=False).tolist())  # the last layer always stays
@@ -58,7 +60,9 @@ def make_upstream(model: dict, ratios=(1.0, 0.875, 0.75), seed: int = 0, prefix:
     for r in ratios:
         per_layer = []
         for i in range(L):
-            if r == 1.0:  # FLAP at ratio 1 drops exactly one unit model-wide (docs/amoeba-method.md §3): head 2 of layer 1
+            if (
+                r == 1.0
+            ):  # FLAP at ratio 1 drops exactly one unit model-wide (docs/amoeba-method.md §3): head 2 of layer 1
                 heads = np.ones(nq, bool)
                 if i == 1:
                     heads[2] = False
@@ -72,8 +76,12 @@ def make_upstream(model: dict, ratios=(1.0, 0.875, 0.75), seed: int = 0, prefix:
         expected[r] = per_layer
     for i in range(L):
         for p in ATTN + MLP:
-            width_mask[f"{prefix}.{i}.{'self_attn' if p in ATTN else 'mlp'}.{p}"] = {} if p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else None
-            bias[f"{prefix}.{i}.{'self_attn' if p in ATTN else 'mlp'}.{p}"] = {} if p in ("o_proj", "down_proj") else None
+            width_mask[f"{prefix}.{i}.{'self_attn' if p in ATTN else 'mlp'}.{p}"] = (
+                {} if p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") else None
+            )
+            bias[f"{prefix}.{i}.{'self_attn' if p in ATTN else 'mlp'}.{p}"] = (
+                {} if p in ("o_proj", "down_proj") else None
+            )
         for r in ratios:
             heads, channels, ob, db = expected[r][i]
             q = np.repeat(heads, hd)
@@ -245,7 +253,9 @@ def _evil_payloads(target: Path):
     }
 
 
-@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "builtins.exec", "subprocess.call", "functools.partial"])
+@pytest.mark.parametrize(
+    "kind", ["os.system", "builtins.eval", "builtins.exec", "subprocess.call", "functools.partial"]
+)
 @pytest.mark.parametrize("nested", [False, True])
 def test_malicious_pickle_refused(tmp_path, kind, nested):
     target = tmp_path / "pwned"
@@ -257,7 +267,9 @@ def test_malicious_pickle_refused(tmp_path, kind, nested):
         doc = payload
     path = tmp_path / "evil.npy"
     np.save(path, np.array(doc, dtype=object), allow_pickle=True)
-    with pytest.raises(UserError, match=r"refusing to load .*evil\.npy: it contains a pickled .*, which is not a numpy array"):
+    with pytest.raises(
+        UserError, match=r"refusing to load .*evil\.npy: it contains a pickled .*, which is not a numpy array"
+    ):
         restricted_load_npy(path)
     with pytest.raises(UserError, match="refusing to load"):
         import_dp_strategy(path, make_model())
@@ -305,7 +317,11 @@ def test_source_never_calls_np_load():
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             assert not any(k.arg == "allow_pickle" for k in node.keywords)
-            assert not (isinstance(node.func, ast.Attribute) and node.func.attr == "load" and ast.unparse(node.func.value) in ("np", "numpy"))
+            assert not (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and ast.unparse(node.func.value) in ("np", "numpy")
+            )
 
 
 # --------------------------------------------------------------------------- bad content
@@ -343,13 +359,34 @@ def test_depth_mask_with_wrong_count(tmp_path):
         (lambda d: d["strategy"].__setitem__(1, np.ones(7)), r"has 7 entries but the model has 6 layers"),
         (lambda d: d["strategy"].__setitem__(1, np.array([1, 1, 2, 1, 1, 0.0])), r"only 0/1 values"),
         (lambda d: d["strategy"].__setitem__(6, np.zeros(6)), r"removes 6 layers"),
-        (lambda d: d["width_mask"][f"{PREFIX}.2.mlp.gate_proj"].__setitem__(0.75, np.ones(40, bool)), r"gate_proj mask of layer 2 .*expected \(48,\)"),
-        (lambda d: d["width_mask"][f"{PREFIX}.2.mlp.up_proj"][0.75].__setitem__(slice(None), False), r"up_proj mask of layer 2 .*differs"),
-        (lambda d: d["width_mask"][f"{PREFIX}.0.self_attn.k_proj"][1.0].__setitem__(slice(0, 8), False), r"k_proj mask of layer 0 .*differs"),
-        (lambda d: d["width_mask"][f"{PREFIX}.4.self_attn.q_proj"].pop(0.875), r"width 0\.875 has a q_proj mask for some layers but not for layers 4"),
-        (lambda d: d["bias"][f"{PREFIX}.5.mlp.down_proj"].pop(0.75), r"width 0\.75 has a down_proj bias for some layers but not for layers 5"),
-        (lambda d: d["bias"][f"{PREFIX}.5.self_attn.o_proj"].__setitem__(0.75, np.zeros(31)), r"o_proj bias of layer 5 .*expected \(32,\)"),
-        (lambda d: d["width_mask"].__setitem__(f"{PREFIX}.6.mlp.gate_proj", {1.0: np.ones(48, bool)}), r"names layer 6"),
+        (
+            lambda d: d["width_mask"][f"{PREFIX}.2.mlp.gate_proj"].__setitem__(0.75, np.ones(40, bool)),
+            r"gate_proj mask of layer 2 .*expected \(48,\)",
+        ),
+        (
+            lambda d: d["width_mask"][f"{PREFIX}.2.mlp.up_proj"][0.75].__setitem__(slice(None), False),
+            r"up_proj mask of layer 2 .*differs",
+        ),
+        (
+            lambda d: d["width_mask"][f"{PREFIX}.0.self_attn.k_proj"][1.0].__setitem__(slice(0, 8), False),
+            r"k_proj mask of layer 0 .*differs",
+        ),
+        (
+            lambda d: d["width_mask"][f"{PREFIX}.4.self_attn.q_proj"].pop(0.875),
+            r"width 0\.875 has a q_proj mask for some layers but not for layers 4",
+        ),
+        (
+            lambda d: d["bias"][f"{PREFIX}.5.mlp.down_proj"].pop(0.75),
+            r"width 0\.75 has a down_proj bias for some layers but not for layers 5",
+        ),
+        (
+            lambda d: d["bias"][f"{PREFIX}.5.self_attn.o_proj"].__setitem__(0.75, np.zeros(31)),
+            r"o_proj bias of layer 5 .*expected \(32,\)",
+        ),
+        (
+            lambda d: d["width_mask"].__setitem__(f"{PREFIX}.6.mlp.gate_proj", {1.0: np.ones(48, bool)}),
+            r"names layer 6",
+        ),
         (lambda d: d.pop("strategy"), r"not an upstream AmoebaLLM strategy"),
     ],
 )

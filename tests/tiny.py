@@ -21,7 +21,9 @@ def tiny_tokenizer():
         vocab[f"w{i}"] = i + 3
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
 def make_tiny_model(path: Path, *, layers=6, hidden=64, heads=4, kv_heads=2, head_dim=16, ff=96,
@@ -71,7 +73,9 @@ def random_strategy(model_dir: Path, widths=(1.0, 0.75, 0.5), seed=0, min_depth=
                 q[:] = False  # attention fully pruned
             if i == 2:
                 c[:] = False  # MLP fully pruned
-            per.append(LayerWidth(q, c, rng.normal(0, 0.1, H).astype(np.float32), rng.normal(0, 0.1, H).astype(np.float32)))
+            per.append(
+                LayerWidth(q, c, rng.normal(0, 0.1, H).astype(np.float32), rng.normal(0, 0.1, H).astype(np.float32))
+            )
         plans[w] = per
     return Strategy(model=info, depths=depths, widths=plans, meta={"source": "random (tests)"})
 

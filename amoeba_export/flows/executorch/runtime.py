@@ -97,20 +97,20 @@ def load(out_dir: Path):
     return logits
 
 
-def open(out_dir: Path, workload: Workload, threads: int | None = None, seed: int = 0) -> Opened:
+def open(out_dir: Path, workload: Workload, metrics: tuple[str, ...] | None = None, *, threads: int | None = None,
+         seed: int = 0, device: str = "cpu") -> Opened:
     """The program opened for `profilers.timing.time_steps`: the workload's prompt as a tensor, the
     delegate pinned to `threads` (default: physical cores)."""
     from profilers.timing import resolve_threads
 
+    if device != "cpu":
+        raise UserError(f"the executorch profiler times the XNNPACK delegate on the CPU, not {device}")
     config = read_config(out_dir)
     if workload.batch != config["batch_size"]:
         raise UserError(f"{out_dir}: the ExecuTorch program runs batch {config['batch_size']}, the workload asks for "
                         f"{workload.batch}: export with --batch {workload.batch}")
-    # the workload's own metrics must fit the cache (a decode past it is refused by CacheSteps.run)
-    _, longest = workload.timed(None, None, "")
-    if longest > config["max_cache_len"]:
-        raise UserError(f"workload {workload.key()} needs {longest} positions but the ExecuTorch program's KV cache "
-                        f"holds {config['max_cache_len']}: export it with this workload")
+    # what is timed must fit the cache (a decode past it is refused by CacheSteps.run)
+    metrics, _ = workload.timed(metrics, config["max_cache_len"], "KV cache length (fixed at export: re-export)")
     n = resolve_threads(threads)
     steps = CacheSteps(method(out_dir, n), config["max_cache_len"])
     ids = torch.from_numpy(workload.prompt_ids(config["vocab_size"], seed))
@@ -120,4 +120,4 @@ def open(out_dir: Path, workload: Workload, threads: int | None = None, seed: in
         "threads": n, "max_cache_len": config["max_cache_len"], "batch_size": config["batch_size"],
         "logits": "every position (prefill runs the LM head over the whole prompt)", "seed": seed,
     }
-    return Opened(steps=steps, ids=ids, runtime=runtime, threads=n)
+    return Opened(steps=steps, ids=ids, runtime=runtime, threads=n, metrics=metrics)

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from ...errors import UserError
-from ...exporters import pytorch
 from ...io import write_json
 from ...manifest import package_versions
 from ...shared_types import DenseModel, FlowCaps, Workload
 from ..base import Emitted
+from ..pytorch import writer as pytorch
 
 NAME = "executorch"
 # float16 lowers and runs too, but is not offered yet (docs/flow-executorch.md §6)

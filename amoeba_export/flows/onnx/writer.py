@@ -42,12 +42,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
-from ..io import read_json, scratch_dir, write_json
-from ..shared_types import FlowCaps
-from ..manifest import package_versions
-from ..shared_types import DenseModel
-from . import pytorch
+from ...errors import UserError
+from ...io import read_json, scratch_dir, write_json
+from ...manifest import package_versions
+from ...shared_types import DenseModel, FlowCaps
+from ..base import Emitted
+from ..pytorch import writer as pytorch
 
 NAME = "onnx"
 CAPS = FlowCaps(per_layer=True, o_down_bias=True, head_dims=None, quants=("float32", "float16"))
@@ -108,7 +108,7 @@ def placeholder_module(dense: DenseModel):
     broadcast to its shape): the right shapes and dtypes for tracing, no memory for the weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+    from ... import modeling  # noqa: F401  (registers amoeba_llama)
 
     cfg = pytorch.hf_config(dense)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -270,8 +270,12 @@ def normalise(model) -> None:
     for value in values:
         value.metadata_props.clear()
         if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in renames for d in value.shape):
-            value.shape = ir.Shape([ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
-                                    for d in value.shape])
+            value.shape = ir.Shape(
+                [
+                    ir.SymbolicDim(renames.get(d.value, d.value)) if isinstance(d, ir.SymbolicDim) else d
+                    for d in value.shape
+                ]
+            )
     for name in sorted(graph.initializers):
         if name.startswith("model."):
             graph.initializers[name].name = name.removeprefix("model.")
@@ -328,7 +332,7 @@ def check_quant(dense: DenseModel, quant: str | None) -> None:
 
 
 def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None, *,
-         genai: bool = True) -> list[str]:
+         genai: bool = True) -> Emitted:
     """Write model.onnx (+ data), tokenizer files, onnx_config.json, and `genai/` where the
     ORT-GenAI builder applies (`genai=False` skips it, e.g. when only timing the graph)."""
     out_dir = Path(out_dir)
@@ -356,7 +360,7 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
             files += built
             bar.update()
     write_json(out_dir / CONFIG_FILE, onnx_config(dense, files, record))
-    return files + [CONFIG_FILE]
+    return Emitted(files + [CONFIG_FILE])
 
 
 # ---------------------------------------------------------------- ORT-GenAI
@@ -568,16 +572,6 @@ def step(sess, ids: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
 def next_token(logits: np.ndarray) -> np.ndarray:
     """Greedy choice from the last position: `[batch, 1]` ids."""
     return logits[:, -1, :].argmax(-1)[:, None]
-
-
-def generate(sess, config: dict, ids: np.ndarray, gen_len: int) -> np.ndarray:
-    """Greedy: prefill from an empty past gives the first token, then `gen_len - 1` decode steps."""
-    logits, past = step(sess, ids, empty_past(config, ids.shape[0]))
-    tokens = [next_token(logits)]
-    for _ in range(gen_len - 1):
-        logits, past = step(sess, tokens[-1], past)
-        tokens.append(next_token(logits))
-    return np.concatenate(tokens, axis=1)
 
 
 def load(out_dir: Path):

@@ -22,6 +22,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ import torch
 
 from targets import flow_table
 
-from ..errors import UserError
-from ..io import dumps_json, read_json, write_json
-from ..shared_types import FlowCaps
-from ..shared_types import DenseModel
-from .device import SCRIPT, run_script, skipped, write_script
-from .pytorch import copy_tokenizer, llama3_rope
+from ...errors import UserError
+from ...io import dumps_json, read_json, write_json
+from ...numpy_llama import LazyWeights
+from ...shared_types import DenseModel, FlowCaps
+from ..base import Emitted
+from ..device import SCRIPT, run_script, skipped, write_script
+from ..pytorch.writer import copy_tokenizer, llama3_rope
 
 NAME = "mlc"
 # docs/flow-formats.md §7.5: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
@@ -217,8 +219,8 @@ def lazy_cache(out_dir: Path, name: str = CACHE_FILES[0]) -> "LazyWeights":
     """`read_cache` without reading: the same checks (every shard's size and md5, hashed a block at a
     time, and every record's range) up front, then each tensor is memory-mapped from its shard when
     looked up (bf16 widened to float32 then)."""
-    from ..io import hash_into
-    from ..numpy_llama import LazyWeights
+    from ...io import hash_into
+    from ...numpy_llama import LazyWeights
 
     out_dir = Path(out_dir)
     cache = read_json(out_dir / name)
@@ -436,9 +438,9 @@ def default_quant(dense: DenseModel) -> str:
     return {torch.float32: "q0f32", torch.float16: "q0f16", torch.bfloat16: "q0bf16"}[dense.dtype]
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     """Write the MLC weight directory for `quant` (None: q0f32 / q0f16 / q0bf16 by the dense dtype),
-    sized for `workload` (see `sizes`). Same input, same bytes. A record goes to `dense.record["mlc"]`."""
+    sized for `workload` (see `sizes`). Same input, same bytes."""
     check_fit(dense)
     quant = quant or default_quant(dense)
     if quant not in CAPS.quants:
@@ -449,12 +451,11 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     write_json(out_dir / CONFIG, config)
     files.append(CONFIG)
     files += copy_tokenizer(Path(tokenizer_dir), out_dir)
-    dense.record["mlc"] = {"quantization": quant, "shards": sum(f.startswith("params_shard_") for f in files),
+    return Emitted(files, {"quantization": quant, "shards": sum(f.startswith("params_shard_") for f in files),
                            "bits_per_param": meta["BitsPerParam"], "conv_template": config["conv_template"]["name"],
                            "tokenizer_info": config["tokenizer_info"],
                            **{k: config["model_config"][k] for k in ("context_window_size", "prefill_chunk_size",
-                                                                     "max_batch_size")}}
-    return files
+                                                                     "max_batch_size")}})
 
 
 # ---------------------------------------------------------------- script / build
@@ -608,9 +609,10 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
 
 def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
     """The cache as Hugging Face-named arrays (float16 / float32 as stored, q4 dequantised in its
-    scale's dtype, bf16 widened to float32; qkv / gate_up split), and model_config. Lazy: each array is read (memory-mapped), dequantised and split when looked up,
+    scale's dtype, bf16 widened to float32; qkv / gate_up split), and model_config. Lazy: each array is read
+    (memory-mapped), dequantised and split when looked up,
     a fused weight once for its consecutive parts, so a forward layer by layer holds one layer."""
-    from ..numpy_llama import LastParts, LazyWeights
+    from ...numpy_llama import LastParts, LazyWeights, fused_parts
 
     out_dir = Path(out_dir)
     mc = read_json(out_dir / CONFIG)["model_config"]
@@ -628,21 +630,19 @@ def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
             w = cache[name]
         return w
 
-    def part(module: str, kind: str, cuts: list[int], i: int):
-        return lambda: last.get((module, kind), lambda: np.split(stored(module, kind), cuts))[i]
-
     loaders = {}
     for name in sorted(cache):
         module, _, kind = name.rpartition(".")
         if kind == "q_scale":
             continue
         prefix, _, proj = module.rpartition(".")
+        read = partial(stored, module, kind)
         if proj == "qkv_proj":
-            for i, p in enumerate(("q_proj", "k_proj", "v_proj")):
-                loaders[f"{prefix}.{p}.weight"] = part(module, kind, [q, q + kv], i)
+            parts = fused_parts(last, (module, kind), read, [q, q + kv])
+            loaders.update({f"{prefix}.{p}.weight": f for p, f in zip(("q_proj", "k_proj", "v_proj"), parts)})
         elif proj == "gate_up_proj":
-            for i, p in enumerate(("gate_proj", "up_proj")):
-                loaders[f"{prefix}.{p}.weight"] = part(module, kind, [ff], i)
+            parts = fused_parts(last, (module, kind), read, [ff])
+            loaders.update({f"{prefix}.{p}.weight": f for p, f in zip(("gate_proj", "up_proj"), parts)})
         else:
             loaders[f"{module}.weight"] = (lambda m=module, k=kind: stored(m, k))
     return LazyWeights(loaders), mc
@@ -651,10 +651,10 @@ def hf_weights(out_dir: Path) -> tuple["LazyWeights", dict]:
 def load(out_dir: Path):
     """The MLC weights through the NumPy LLaMA forward (MLC's runtime needs its compiled library):
     `ids [B, T] -> logits [B, T, V]` (float32, from the weights as stored: fp16 / dequantised q4)."""
-    from ..numpy_llama import Config, logits_fn
+    from ...numpy_llama import uniform_logits_fn
 
     weights, mc = hf_weights(out_dir)
-    layers = [(mc["num_attention_heads"], mc["num_key_value_heads"])] * mc["num_hidden_layers"]
-    cfg = Config(mc["hidden_size"], layers, mc["head_dim"], float(mc["rms_norm_eps"]),
-                 float(mc["position_embedding_base"]), mc.get("rope_scaling"))
-    return logits_fn(weights, cfg)
+    return uniform_logits_fn(weights, hidden_size=mc["hidden_size"], n_layers=mc["num_hidden_layers"],
+                             n_heads=mc["num_attention_heads"], n_kv_heads=mc["num_key_value_heads"],
+                             head_dim=mc["head_dim"], eps=mc["rms_norm_eps"],
+                             rope_theta=mc["position_embedding_base"], rope_scaling=mc.get("rope_scaling"))

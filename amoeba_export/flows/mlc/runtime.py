@@ -17,13 +17,9 @@ from pathlib import Path
 
 from amoeba_export.errors import UserError
 from amoeba_export.io import read_json
+from amoeba_export.shared_types import Workload
+from profilers.timing import environment, profile_record, time_requests
 
-from .timing import environment, profile_record, time_requests
-from .workload import Workload
-
-FLOW = "mlc"
-TIMES_BUILD = True  # what ships is the library build.sh compiles on the device
-DEVICES = ("cuda",)
 LIB_SUFFIXES = (".so", ".dylib", ".tar", ".wasm")
 
 
@@ -41,7 +37,7 @@ def model_lib(path: Path) -> Path:
     return libs[0]
 
 
-def profile_artifact(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
+def profile(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
                      metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict:
     """Time the compiled library with the artifact's weights; the same record as the other profilers."""
     reason = unavailable()
@@ -68,7 +64,7 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
         timings = time_requests(run, workload, metrics, **measure_kwargs)
     finally:
         engine.terminate()
-    runtime = {"flow": FLOW, "device": "gpu", "runtime": "mlc_llm.MLCEngine (mode local)", "model_lib": lib.name,
+    runtime = {"flow": "mlc", "device": "gpu", "runtime": "mlc_llm.MLCEngine (mode local)", "model_lib": lib.name,
                "mlc_llm": getattr(mlc_llm, "__version__", None), "quantization": config.get("quantization"),
                "seed": seed, "tpot": "derived from whole requests (timing.time_requests)"}
     return profile_record(path, workload, timings, env, runtime, measure_kwargs)

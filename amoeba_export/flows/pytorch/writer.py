@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..compute import Compute
-from ..errors import UserError
-from ..io import write_json, write_safetensors_stream
-from ..shared_types import FlowCaps
-from ..shared_types import DenseModel
+from ...compute import Compute
+from ...errors import UserError
+from ...io import write_json, write_safetensors_stream
+from ...shared_types import DenseModel, FlowCaps
+from ..base import Emitted
 
 REMOTE_CODE = "modeling_amoeba_llama.py"
-MODELING_FILE = Path(__file__).parent.parent / "modeling" / "amoeba_llama.py"  # copied, not imported
+MODELING_FILE = Path(__file__).parents[2] / "modeling" / "amoeba_llama.py"  # copied, not imported
 
 NAME = "pytorch"
 # transformers takes any sizes (amoeba_llama for per-layer ones); the stock class wants hidden % heads == 0
@@ -49,7 +49,7 @@ def rope(config: dict) -> tuple[float, dict | None]:
 def llama3_rope(config: dict, flow: str) -> tuple[float, dict | None]:
     """(theta, scaling) for the flows that write plain RoPE or Llama-3's scaling only (gguf, trtllm,
     mlc): scaling is None for plain RoPE, else the llama3 dict; another kind is a UserError."""
-    from ..numpy_llama import rope_kind
+    from ...numpy_llama import rope_kind
 
     theta, scaling = rope(config)
     kind = rope_kind(scaling)
@@ -117,7 +117,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     out_dir = Path(out_dir)
     write_json(out_dir / "config.json", hf_config(dense))
     files = ["config.json"]
@@ -128,14 +128,14 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     if not stock_class(dense):  # self-contained: loads with trust_remote_code=True, no amoeba-export needed
         shutil.copyfile(MODELING_FILE, out_dir / REMOTE_CODE)
         files.append(REMOTE_CODE)
-    return files
+    return Emitted(files)
 
 
 def in_memory(dense: DenseModel):
     """The dense model as a transformers module in memory (eval mode), without writing it out."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+    from ... import modeling  # noqa: F401  (registers amoeba_llama)
 
     cfg = hf_config(dense)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
@@ -153,7 +153,7 @@ def load_model(out_dir: Path, dtype: torch.dtype | str = torch.float32):
     """transformers loads the directory (stock class, or amoeba_llama, registered by the import below)."""
     from transformers import AutoModelForCausalLM
 
-    from .. import modeling  # noqa: F401  (registers amoeba_llama)
+    from ... import modeling  # noqa: F401  (registers amoeba_llama)
 
     return AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
 
@@ -162,9 +162,9 @@ def load(out_dir: Path):
     """The exported directory through transformers' own classes, as a logits function (fp32). It runs
     as a layer stack over the directory's memory-mapped safetensors, so an artifact that does not fit
     in memory is read a layer at a time (docs/reference-forward.md); one that fits stays loaded."""
-    from .. import modeling  # noqa: F401  (registers amoeba_llama)
-    from ..elastic import WeightSource
-    from ..layerwise import LayerStack
+    from ... import modeling  # noqa: F401  (registers amoeba_llama)
+    from ...elastic import WeightSource
+    from ...layerwise import LayerStack
 
     stack = LayerStack(Path(out_dir), WeightSource(Path(out_dir)), Compute())
 
@@ -190,7 +190,7 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
     from transformers import GenerationConfig
     from transformers.integrations.executorch import convert_and_export_with_cache
 
-    from ..manifest import versions
+    from ...manifest import versions
 
     out_dir = Path(out_dir)
     model = load_model(out_dir, "auto")  # the artifact's own dtype
@@ -201,8 +201,12 @@ def build(out_dir: Path, target: dict, quant: str | None = None) -> dict:
         return {**record, "built": [], "skipped": "AOTInductor package: a static KV cache needs the same head counts "
                 "in every layer; export with --layout pad to package this shape"}
     cache_len = min(AOT_CACHE_LEN, getattr(model.config, "max_position_embeddings", AOT_CACHE_LEN))
-    model.generation_config = GenerationConfig(use_cache=True, cache_implementation="static", max_length=cache_len,
-                                               cache_config={"batch_size": 1, "max_cache_len": cache_len, "device": "cpu"})
+    model.generation_config = GenerationConfig(
+        use_cache=True,
+        cache_implementation="static",
+        max_length=cache_len,
+        cache_config={"batch_size": 1, "max_cache_len": cache_len, "device": "cpu"},
+    )
     program = convert_and_export_with_cache(model)
     torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / AOT_PACKAGE))
     info = {"package": AOT_PACKAGE, "batch_size": 1, "max_cache_len": cache_len,
@@ -227,7 +231,9 @@ def load_package(out_dir: Path):
     def logits(ids: torch.Tensor) -> torch.Tensor:
         if ids.shape[0] != 1:
             raise ValueError("the AOTInductor package runs batch 1")
-        steps = [runner(input_ids=ids[:, t:t + 1], cache_position=torch.tensor([t]))[:, -1] for t in range(ids.shape[1])]
+        steps = [
+            runner(input_ids=ids[:, t : t + 1], cache_position=torch.tensor([t]))[:, -1] for t in range(ids.shape[1])
+        ]
         return torch.stack(steps, 1)
 
     return logits

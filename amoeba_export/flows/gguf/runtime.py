@@ -24,13 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from amoeba_export.errors import UserError
-from amoeba_export.exporters.gguf import FILE, llama_cpp_module
+from amoeba_export.shared_types import Workload
+from profilers.timing import resolve_threads
 
-from .timing import Timing, environment, measure, profile_record, resolve_threads
-from .workload import Workload
-
-FLOW = "gguf"
-TIMES_BUILD = True  # K-quants exist only after the build: profile_table builds before timing
+from ..base import Opened
+from .writer import FILE, llama_cpp_module
 
 
 def artifact_file(path: str | Path) -> Path:
@@ -88,42 +86,27 @@ def decode_step(llm, token: int) -> int:
     return next_token(llm)
 
 
-def generate(llm, ids: list[int], gen_len: int) -> list[int]:
-    """Greedy from an empty cache: prefill gives the first token, then `gen_len - 1` decode steps."""
-    rewind(llm, 0)
-    tokens = [prefill(llm, ids)]
-    for _ in range(gen_len - 1):
-        tokens.append(decode_step(llm, tokens[-1]))
-    return tokens
+class Steps:
+    """llama.cpp's context between steps (one sequence)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def prefill(self, ids: list[int]) -> int:
+        return prefill(self.llm, ids)
+
+    def decode(self, token: int) -> int:
+        return decode_step(self.llm, token)
+
+    def rewind(self, length: int) -> None:
+        rewind(self.llm, length)
 
 
-# ---------------------------------------------------------------- timing them
-
-def time_workload(llm, ids: list[int], workload: Workload, metrics: tuple[str, ...],
-                  **measure_kwargs) -> dict[str, Timing]:
-    out: dict[str, Timing] = {}
-    P = workload.prompt_len
-    for metric in metrics:
-        if metric == "ttft":
-            out[metric] = measure(lambda: prefill(llm, ids), setup=lambda: rewind(llm, 0), **measure_kwargs)
-        elif metric == "tpot":
-            rewind(llm, 0)
-            token = prefill(llm, ids)
-            out[metric] = measure(lambda: decode_step(llm, token), setup=lambda: rewind(llm, P), **measure_kwargs)
-        else:
-            out[metric] = measure(lambda: generate(llm, ids, workload.gen_len), setup=lambda: rewind(llm, 0),
-                                  **measure_kwargs)
-    return out
-
-
-def profile_artifact(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
-                     metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict:
-    """Load the GGUF in llama.cpp with `threads` (default: physical cores) for both decode and
-    batch work, record the environment, time the workload.
-
-    Returns the same record as the PyTorch profiler: {"workload", "timings", "environment",
-    "artifact", "runtime", "measure"}.
-    """
+def open(path: str | Path, workload: Workload, metrics: tuple[str, ...] | None = None, *, threads: int | None = None,
+         seed: int = 0, device: str = "cpu") -> Opened:
+    """The GGUF in llama.cpp with `threads` (default: physical cores) for both decode and batch work."""
+    if device != "cpu":
+        raise UserError(f"the gguf profiler times the CPU, not {device}")
     if workload.batch != 1:
         raise UserError(f"the gguf profiler times batch 1 (llama-cpp-python runs one sequence); got batch "
                         f"{workload.batch}: use --batch 1")
@@ -132,17 +115,12 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     meta = read_meta(file)
     metrics, longest = workload.timed(metrics, meta["context_length"], "context length")
     llm = load_artifact(file, longest, n)
-    ids = workload.prompt_ids(meta["vocab_size"], seed)[0].tolist()
-    env = environment(n)
-    timings = time_workload(llm, ids, workload, metrics, **measure_kwargs)
     cp = llm.context_params
     runtime = {
-        "flow": FLOW, "device": "cpu", "threads": n, "n_threads": cp.n_threads,
+        "flow": "gguf", "device": "cpu", "threads": n, "n_threads": cp.n_threads,
         "n_threads_batch": cp.n_threads_batch, "n_ctx": llm.n_ctx(), "n_batch": cp.n_batch,
         "n_ubatch": cp.n_ubatch, "type_k": int(cp.type_k), "type_v": int(cp.type_v),
         "flash_attn_type": int(cp.flash_attn_type), "arch": meta["arch"], "file_type": meta["file_type"],
         "seed": seed,
     }
-    record = profile_record(path, workload, timings, env, runtime, measure_kwargs)
-    del llm
-    return record
+    return Opened(Steps(llm), workload.prompt_ids(meta["vocab_size"], seed)[0].tolist(), runtime, n, metrics)

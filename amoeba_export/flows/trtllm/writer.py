@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +29,13 @@ from tqdm import tqdm
 
 from targets import flow_table
 
-from ..errors import UserError
-from ..io import read_json, safetensors_header, write_json, write_safetensors_stream
-from ..shared_types import FlowCaps
-from ..shared_types import DenseModel
-from ..numpy_llama import Config, logits_fn
-from . import pytorch
-from .device import SCRIPT, run_script, skipped, write_script
+from ...errors import UserError
+from ...io import read_json, safetensors_header, write_json, write_safetensors_stream
+from ...numpy_llama import LazyWeights, uniform_logits_fn
+from ...shared_types import DenseModel, FlowCaps
+from ..base import Emitted
+from ..device import SCRIPT, run_script, skipped, write_script
+from ..pytorch import writer as pytorch
 
 NAME = "trtllm"
 # docs/flow-formats.md §1 and §5: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
@@ -151,18 +152,21 @@ def to_trt(stream: Iterable[tuple[str, torch.Tensor]], tied: bool, dtype: torch.
         elif "v_proj" not in name:
             held[name] = t
         else:
-            yield to_trt_name(name), torch.cat([held.pop(name.replace("v_proj", p)) for p in ("q_proj", "k_proj")] + [t])
+            yield (
+                to_trt_name(name),
+                torch.cat([held.pop(name.replace("v_proj", p)) for p in ("q_proj", "k_proj")] + [t]),
+            )
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     """Write the HF directory (the PyTorch flow's writer) and `trtllm_checkpoint/`, a renaming of the
     HF weights just written: read back one tensor at a time (q/k/v: three), not materialized again."""
-    from ..elastic import WeightSource
+    from ...elastic import WeightSource
 
     check(dense)
     dtype = checkpoint_dtype(dense, quant)
     out_dir = Path(out_dir)
-    files = pytorch.emit(dense, out_dir, tokenizer_dir)
+    files = pytorch.emit(dense, out_dir, tokenizer_dir).files
     ckpt = out_dir / CKPT
     ckpt.mkdir()
     write_json(ckpt / "config.json", unified_config(dense, dtype))
@@ -171,9 +175,11 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
     hf = WeightSource(out_dir)
     stream = tqdm(to_trt(((n, hf.get(n)) for n, _ in dense.tensor_specs()), dense.tied, dtype), total=len(specs),
                   desc="writing trtllm checkpoint", unit="tensor", leave=False)
-    write_safetensors_stream(ckpt, specs, stream, dtype, max_shard_bytes=1 << 62, stem=RANK0.removesuffix(".safetensors"))
-    dense.record["trtllm"] = {"checkpoint_dtype": str(dtype).removeprefix("torch."), "quant": quant}
-    return files + [f"{CKPT}/config.json", f"{CKPT}/{RANK0}"]
+    write_safetensors_stream(
+        ckpt, specs, stream, dtype, max_shard_bytes=1 << 62, stem=RANK0.removesuffix(".safetensors")
+    )
+    return Emitted(files + [f"{CKPT}/config.json", f"{CKPT}/{RANK0}"],
+                   {"checkpoint_dtype": str(dtype).removeprefix("torch."), "quant": quant})
 
 
 # ---------------------------------------------------------------- build.sh (runs on the device)
@@ -219,14 +225,17 @@ same_model {out}
         raise UserError(f"{quant} goes through TensorRT-LLM's convert_checkpoint.py, which drops this model's MLP "
                         "(down_proj compensation) biases (docs/flow-formats.md §5.2): use int4_awq or float16")
     bits = quant.removeprefix("int").removesuffix("_wo")
-    return f"""
+    return (
+        f"""
 # {quant}: TensorRT-LLM's weight-only converter, from the Hugging Face directory (the model has no MLP biases,
 # which this converter would drop). Its location moved from examples/llama to examples/models/core/llama.
 convert=$TRTLLM_EXAMPLES/models/core/llama/convert_checkpoint.py
 [[ -f $convert ]] || convert=$TRTLLM_EXAMPLES/llama/convert_checkpoint.py
 "$PYTHON" "$convert" --model_dir . --output_dir {out} --dtype float16 --use_weight_only --weight_only_precision int{bits}
 same_model {out}
-""", out
+""",  # noqa: E501 (shell lines as build.sh runs them)
+        out,
+    )
 
 
 BUILD_SH = r"""#!/usr/bin/env bash
@@ -292,13 +301,13 @@ trtllm-build --checkpoint_dir @BUILD_CKPT@ --output_dir engine --gemm_plugin @PL
 echo "built: $PWD/engine (config.json, rank0.engine) for the @TARGET@"
 examples=${TRTLLM_EXAMPLES:-<TensorRT-LLM checkout>/examples}
 echo "run: $PYTHON $examples/run.py --engine_dir $PWD/engine --tokenizer_dir $PWD --max_output_len @G@ --input_text 'Hello'@MMAP@"
-"""
+"""  # noqa: E501 (shell lines as build.sh runs them)
 
 
 def script(out_dir: Path, target: dict, quant: str | None = None, workload=None) -> list[str]:
     """Write `build.sh`: toolchain check, GPU arch check, device-side quantisation, trtllm-build
     sized by the workload, and the run command (see BUILD_SH for each step's reason)."""
-    from profilers.workload import Workload
+    from ...shared_types import Workload
 
     out_dir = Path(out_dir)
     wl = workload or Workload()
@@ -307,8 +316,10 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
         raise UserError(f"unknown trtllm quantisation {quant!r}: choose one of {', '.join(QUANTS)}")
     B, P, G = wl.batch, wl.prompt_len, wl.gen_len
     if P + G > cfg["max_position_embeddings"]:
-        raise UserError(f"workload {wl.key()} needs {P + G} positions but the model has "
-                        f"{cfg['max_position_embeddings']} (max_position_embeddings): shorten --prompt-len or --gen-len")
+        raise UserError(
+            f"workload {wl.key()} needs {P + G} positions but the model has "
+            f"{cfg['max_position_embeddings']} (max_position_embeddings): shorten --prompt-len or --gen-len"
+        )
     jetson = is_jetson(target)
     steps, build_ckpt = quant_step(quant, cfg)
     dtype = "float16" if quant else cfg["dtype"]
@@ -316,28 +327,48 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
     digits = arch.removeprefix("sm_")
     jetson_note = ""
     if jetson:
-        jetson_note = ("\n# Jetson (README4Jetson, v0.12.0-jetson): build the wheel on the device for sm_87; keep batch\n"
-                       "# 1-4 and sequences <= 2048 on the shared CPU/GPU memory; run with --use_mmap.")
+        jetson_note = (
+            "\n# Jetson (README4Jetson, v0.12.0-jetson): build the wheel on the device for sm_87; keep batch\n"
+            "# 1-4 and sequences <= 2048 on the shared CPU/GPU memory; run with --use_mmap."
+        )
         if B > 4 or P + G > 2048:
             steps += (f'\necho "note: batch {B} and {P + G}-token sequences are large for a Jetson; '
                       'the build may run out of memory (README4Jetson keeps batch 1-4, <= 2048 tokens)" >&2\n')
     pytorch_note = ""
     if quant:
-        pytorch_note = (f'\n  echo "note: it serves it in {cfg["dtype"]}; for {quant}, quantise it with ModelOpt into a '
-                        f'Hugging Face checkpoint first (quantize.py --qformat {quant} --export_format hf) and serve that"')
+        pytorch_note = (
+            f'\n  echo "note: it serves it in {cfg["dtype"]}; for {quant}, quantise it with ModelOpt into a '
+            f'Hugging Face checkpoint first (quantize.py --qformat {quant} --export_format hf) and serve that"'
+        )
     need_examples = "" if quant is None else (
         '\n[[ -n ${TRTLLM_EXAMPLES:-} ]] || die "TRTLLM_EXAMPLES is not set: export TRTLLM_EXAMPLES=<TensorRT-LLM '
         f'checkout of the installed version>/examples (its tools quantise to {quant})"\n')
     # context FMHA has no float32 kernels and no head size 104 (docs/flow-formats.md §1)
     fmha = "disable" if dtype == "float32" or cfg["head_size"] == 104 else "enable"
     values = {
-        "TARGET": target["name"], "ARCH": arch, "CAP": f"{digits[:-1]}.{digits[-1:]}",
-        "MODEL": (f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV) "
-                  f"x {cfg['head_size']}, n_ff {cfg['intermediate_size']}, hidden {cfg['hidden_size']}"),
-        "CKPT": CKPT, "DTYPE": cfg["dtype"], "QUANT": quant or "none", "B": B, "P": P, "G": G, "S": P + G,
-        "T": max_num_tokens(B, P, jetson), "VERSION": (flow_table(target, NAME) or {}).get("version", "1.x"),
-        "JETSON_NOTE": jetson_note, "PYTORCH_NOTE": pytorch_note, "NEED_EXAMPLES": need_examples,
-        "QUANT_STEP": steps, "BUILD_CKPT": build_ckpt, "PLUGIN": dtype, "FMHA": fmha,
+        "TARGET": target["name"],
+        "ARCH": arch,
+        "CAP": f"{digits[:-1]}.{digits[-1:]}",
+        "MODEL": (
+            f"{cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads ({cfg['num_key_value_heads']} KV) "
+            f"x {cfg['head_size']}, n_ff {cfg['intermediate_size']}, hidden {cfg['hidden_size']}"
+        ),
+        "CKPT": CKPT,
+        "DTYPE": cfg["dtype"],
+        "QUANT": quant or "none",
+        "B": B,
+        "P": P,
+        "G": G,
+        "S": P + G,
+        "T": max_num_tokens(B, P, jetson),
+        "VERSION": (flow_table(target, NAME) or {}).get("version", "1.x"),
+        "JETSON_NOTE": jetson_note,
+        "PYTORCH_NOTE": pytorch_note,
+        "NEED_EXAMPLES": need_examples,
+        "QUANT_STEP": steps,
+        "BUILD_CKPT": build_ckpt,
+        "PLUGIN": dtype,
+        "FMHA": fmha,
         "MMAP": " --use_mmap" if jetson else "",
     }
     text = BUILD_SH
@@ -347,7 +378,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
 
 
 def toolchain() -> dict:
-    from ..manifest import package_versions
+    from ...manifest import package_versions
 
     return {"trtllm-build": shutil.which("trtllm-build"), **package_versions(("tensorrt_llm", "tensorrt"))}
 
@@ -379,7 +410,7 @@ def lazy_checkpoint(path: Path) -> "LazyWeights":
     float16 / float32, bfloat16 widened to float32 through torch: NumPy has no bfloat16)."""
     from safetensors import SafetensorError, safe_open
 
-    from ..numpy_llama import LazyWeights
+    from ...numpy_llama import LazyWeights
 
     header = safetensors_header(path)  # missing or truncated: a one-line UserError
     try:
@@ -403,24 +434,21 @@ def hf_weights(t, cfg: dict) -> "LazyWeights":
     """TensorRT-LLM names -> HF names: qkv split by (NH, NKV, head_size) rows, fc/gate/proj renamed.
     `t` maps the stored names to arrays (a dict or a `LazyWeights`); nothing is read here: each HF
     tensor is looked up in `t` when asked for, a fused qkv once for its three parts."""
-    from ..numpy_llama import LastParts, LazyWeights
+    from ...numpy_llama import LastParts, LazyWeights, fused_parts
 
     hf_of = {v: k for k, v in GLOBAL_NAMES.items()}
     layer_of = {v: k for k, v in LAYER_NAMES.items()}
     q, kv = cfg["num_attention_heads"] * cfg["head_size"], cfg["num_key_value_heads"] * cfg["head_size"]
     last = LastParts()
 
-    def qkv_part(name: str, i: int):
-        def get():
-            def split():
-                value = t[name]
-                if value.shape[0] != q + 2 * kv:
-                    raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
-                return np.split(value, [q, q + kv])
+    def read_qkv(name: str):
+        def read():
+            value = t[name]
+            if value.shape[0] != q + 2 * kv:
+                raise UserError(f"{name} has {value.shape[0]} rows, config.json's head counts say {q + 2 * kv}")
+            return value
 
-            return last.get(name, split)[i]
-
-        return get
+        return read
 
     out = {}
     for name in t:
@@ -431,8 +459,8 @@ def hf_weights(t, cfg: dict) -> "LazyWeights":
         module, _, kind = tail.rpartition(".")
         prefix = f"model.layers.{layer}."
         if module == "attention.qkv":
-            for i, m in enumerate(QKV):
-                out[prefix + f"{m}.{kind}"] = qkv_part(name, i)
+            parts = fused_parts(last, name, read_qkv(name), [q, q + kv])
+            out.update({prefix + f"{m}.{kind}": f for m, f in zip(QKV, parts)})
         elif module in layer_of:
             out[prefix + f"{layer_of[module]}.{kind}"] = (lambda n=name: t[n])
         else:
@@ -462,8 +490,10 @@ def load(out_dir: Path):
         if (cfg["architecture"], cfg["position_embedding_type"], cfg["hidden_act"]) != (
                 "LlamaForCausalLM", "rope_gpt_neox", "silu"):
             raise UserError(f"{ckpt}/config.json is not a LLaMA checkpoint this check can run")
-        config = Config(cfg["hidden_size"], [(cfg["num_attention_heads"], cfg["num_key_value_heads"])] * cfg["num_hidden_layers"],
-                        cfg["head_size"], cfg["norm_epsilon"], cfg["rotary_base"], cfg["rotary_scaling"])
+        forward = partial(uniform_logits_fn, hidden_size=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                          n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"],
+                          head_dim=cfg["head_size"], eps=cfg["norm_epsilon"], rope_theta=cfg["rotary_base"],
+                          rope_scaling=cfg["rotary_scaling"])
         weights = hf_weights(lazy_checkpoint(ckpt / RANK0), cfg)
         missing = [n for n in required(cfg) if n not in weights]
     except KeyError as e:
@@ -472,4 +502,4 @@ def load(out_dir: Path):
         raise UserError(f"{ckpt}/{RANK0} lacks {len(missing)} tensors config.json asks for, e.g. "
                         f"{to_trt_name(missing[0])}")
 
-    return logits_fn(weights, config)
+    return forward(weights)

@@ -16,7 +16,6 @@ file and `build` quantises it in place through llama-cpp-python.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
 import os
@@ -28,12 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
-from ..io import read_json
-from ..shared_types import FLOAT_DTYPES, FlowCaps
-from ..shared_types import DenseModel
-from ..numpy_llama import rope_frequencies
-from .pytorch import llama3_rope, rope
+from ...errors import UserError
+from ...io import read_json
+from ...numpy_llama import rope_frequencies
+from ...shared_types import FLOAT_DTYPES, DenseModel, FlowCaps
+from ..base import Emitted
+from ..pytorch.writer import llama3_rope, rope
 
 NAME = "gguf"
 FILE = "model.gguf"
@@ -62,8 +61,8 @@ GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.we
 # Byte-level BPE pre-tokenizers llama.cpp knows, keyed by the HF `Split` regex they implement
 # (llama.cpp src/llama-vocab.cpp quotes these as the originals it was adapted from).
 SPLIT_PRE = {
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "llama-bpe",  # noqa: E501
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "qwen2",  # noqa: E501
 }
 
 
@@ -90,7 +89,8 @@ def weight_type(quant: str | None, dense: DenseModel):
 
 
 def file_type(t) -> int:
-    from gguf import GGMLQuantizationType as T, LlamaFileType as F
+    from gguf import GGMLQuantizationType as T
+    from gguf import LlamaFileType as F
 
     return {T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.BF16: F.MOSTLY_BF16, T.Q8_0: F.MOSTLY_Q8_0,
             T.Q4_0: F.MOSTLY_Q4_0}[t]
@@ -145,7 +145,8 @@ def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray | None:
 
 def convert(t: np.ndarray, ggml_type) -> np.ndarray:
     """float32 data -> the array gguf-py writes for `ggml_type` (F32, F16, or quantised bytes)."""
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
 
     if ggml_type == T.F32:
         return np.ascontiguousarray(t, dtype=np.float32)
@@ -183,7 +184,9 @@ def stream(dense: DenseModel, entries: list) -> Iterator[tuple[str, np.ndarray]]
         else:
             got, tensor = next(tensors)
             if got != hf or tuple(tensor.shape) != shape:  # tensors() and tensor_specs() disagree: a bug
-                raise RuntimeError(f"tensor stream out of order: expected {hf} {shape}, got {got} {tuple(tensor.shape)}")
+                raise RuntimeError(
+                    f"tensor stream out of order: expected {hf} {shape}, got {got} {tuple(tensor.shape)}"
+                )
             # already in the file's float type: no float32 round trip (exact either way, half the memory)
             same = (t == T.F16 and tensor.dtype == torch.float16) or (t == T.F32 and tensor.dtype == torch.float32)
             data = tensor.numpy() if same else tensor.float().numpy()
@@ -243,8 +246,12 @@ def add_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> dict:
     model = tj.get("model") or {}
     decoder = (tj.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        return _no_vocab(writer, vocab_size, f"{model.get('type')} tokenizer (decoder {decoder}) is not byte-level BPE, "
-                                             "the only kind this exporter writes")
+        return _no_vocab(
+            writer,
+            vocab_size,
+            f"{model.get('type')} tokenizer (decoder {decoder}) is not byte-level BPE, "
+            "the only kind this exporter writes",
+        )
     pre = bpe_pre(tj)
     if pre is None:
         return _no_vocab(writer, vocab_size, f"byte-level BPE with a pre-tokenizer llama.cpp has no id for here: "
@@ -284,7 +291,8 @@ def _no_vocab(writer, vocab_size: int, reason: str) -> dict:
 def metadata_keys(writer, dense: DenseModel, wtype) -> None:
     """Model hyper-parameters. Per-layer sizes need `deci` (docs/flow-formats.md §6.3); n_ff = 0 would make
     deci skip the layer's residual, so it is refused (materialize keeps >= 1)."""
-    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_VERSION
+    from gguf import GGMLQuantizationType as T
 
     cfg, layers = dense.config, dense.layers
     arch = writer.arch
@@ -292,7 +300,9 @@ def metadata_keys(writer, dense: DenseModel, wtype) -> None:
     if any(s.head_dim != D for s in layers):
         raise UserError("llama.cpp needs one head_dim for every layer")
     if any(s.n_ff < 1 or s.n_heads < 1 or s.n_kv_heads < 1 for s in layers):
-        raise UserError("llama.cpp's deci arch treats n_ff=0 / n_heads=0 as special layers: keep one zero channel or head")
+        raise UserError(
+            "llama.cpp's deci arch treats n_ff=0 / n_heads=0 as special layers: keep one zero channel or head"
+        )
     per_layer: Callable[[str], int | list[int]] = (
         (lambda f: getattr(layers[0], f)) if arch == "llama" else (lambda f: [getattr(s, f) for s in layers]))
     theta, _ = rope(cfg)
@@ -315,9 +325,9 @@ def metadata_keys(writer, dense: DenseModel, wtype) -> None:
         writer.add_quantization_version(GGML_QUANT_VERSION)
 
 
-def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> list[str]:
+def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | None = None, workload=None) -> Emitted:
     """Write `model.gguf`. `quant` None keeps the dense dtype; a K-quant writes the F32 (F16)
-    intermediate that `build` quantises. The tokenizer record goes to `dense.record["gguf"]`."""
+    intermediate that `build` quantises. The record says which arch, weight type and tokenizer."""
     import gguf
 
     check_quant(dense, quant)
@@ -334,13 +344,14 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, data in tqdm(stream(dense, entries), total=len(entries), desc="writing gguf", unit="tensor", leave=False):
+        for name, data in tqdm(
+            stream(dense, entries), total=len(entries), desc="writing gguf", unit="tensor", leave=False
+        ):
             writer.write_tensor_data(data)
     finally:
         writer.close()
-    dense.record["gguf"] = {"arch": arch, "weight_type": wtype.name, "quant": quant, "tokenizer": tok,
-                            "rope_freqs": entries[0][0] == "rope_freqs.weight"}
-    return [FILE]
+    return Emitted([FILE], {"arch": arch, "weight_type": wtype.name, "quant": quant, "tokenizer": tok,
+                            "rope_freqs": entries[0][0] == "rope_freqs.weight"})
 
 
 # ---------------------------------------------------------------- build
@@ -349,13 +360,16 @@ def llama_cpp_module():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(INSTALL_HINT) from None
+        # `make setup` leaves it out (a 9-minute source build the other flows do not need).
+        raise UserError("llama-cpp-python is not installed (the gguf flow runs llama.cpp): run `make setup-gguf` "
+                        "(builds its wheel once, about 9 min, portable: CMAKE_ARGS=-DGGML_NATIVE=OFF), or "
+                        "`CMAKE_ARGS=-DGGML_NATIVE=OFF pip install llama-cpp-python==0.3.36`") from None
     return llama_cpp
 
 
 def toolchain() -> dict:
     """The versions of what writes and runs the file."""
-    from ..manifest import package_versions
+    from ...manifest import package_versions
 
     return package_versions(("llama_cpp_python", "gguf"))
 
@@ -428,7 +442,9 @@ def load(out_dir: Path):
 
     path = Path(out_dir) / FILE
     ftype = int(GGUFReader(path).fields["general.file_type"].contents())
-    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if ftype == LlamaFileType.ALL_F32 else {}
+    kv = (
+        {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if ftype == LlamaFileType.ALL_F32 else {}
+    )
     state: dict = {"llm": None, "n_ctx": 0}
 
     def model(n: int):

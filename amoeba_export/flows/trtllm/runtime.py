@@ -24,13 +24,8 @@ from pathlib import Path
 
 from amoeba_export.errors import UserError
 from amoeba_export.io import read_json
-
-from .timing import environment, profile_record, time_requests
-from .workload import Workload
-
-FLOW = "trtllm"
-TIMES_BUILD = True  # what ships is what build.sh builds on the device
-DEVICES = ("cuda",)
+from amoeba_export.shared_types import Workload
+from profilers.timing import environment, profile_record, time_requests
 
 
 def unavailable() -> str | None:
@@ -76,7 +71,7 @@ def llm_api_runner(hf_dir: Path, ids: list[list[int]]):
     return run, {"runtime": "tensorrt_llm.LLM (PyTorch backend)", "model": str(hf_dir)}
 
 
-def profile_artifact(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
+def profile(path: str | Path, workload: Workload, *, threads: int | None = None, seed: int = 0,
                      metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict:
     """Time the artifact's engine (or its HF directory on 1.x); the same record as the other profilers."""
     reason = unavailable()
@@ -92,6 +87,6 @@ def profile_artifact(path: str | Path, workload: Workload, *, threads: int | Non
     run, runtime = (engine_runner(engine, ids) if (engine / "config.json").is_file() else llm_api_runner(path, ids))
     env = environment(threads)
     timings = time_requests(run, workload, metrics, **measure_kwargs)
-    runtime.update(flow=FLOW, device="cuda", tensorrt_llm=tensorrt_llm.__version__, seed=seed,
+    runtime.update(flow="trtllm", device="cuda", tensorrt_llm=tensorrt_llm.__version__, seed=seed,
                    tpot="derived from whole requests (timing.time_requests)")
     return profile_record(path, workload, timings, env, runtime, measure_kwargs)

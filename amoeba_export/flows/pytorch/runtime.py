@@ -25,12 +25,10 @@ import torch
 
 from amoeba_export.errors import UserError
 from amoeba_export.materialize import DTYPES
+from amoeba_export.shared_types import Workload
+from profilers.timing import pinned_threads
 
-from .timing import Timing, environment, measure, pinned_threads, profile_record
-from .workload import Workload
-
-FLOW = "pytorch"
-DEVICES = ("cpu", "cuda")  # --target host times the CPU; a GPU target (on the device) times CUDA
+from ..base import Opened
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -59,7 +57,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu", dtype: s
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
-    from amoeba_export.exporters.pytorch import load_model
+    from .writer import load_model
 
     return load_model(path, dtype if dtype is not None else "auto").to(dev)
 
@@ -88,16 +86,6 @@ def decode_step(model, token: torch.Tensor, cache) -> torch.Tensor:
     return next_token(out.logits)
 
 
-def generate(model, ids: torch.Tensor, gen_len: int, **kwargs) -> torch.Tensor:
-    """Greedy: prefill gives the first token, then `gen_len - 1` decode steps. `[batch, gen_len]`."""
-    token, cache = prefill(model, ids, **kwargs)
-    tokens = [token]
-    for _ in range(gen_len - 1):
-        token = decode_step(model, token, cache)
-        tokens.append(token)
-    return torch.cat(tokens, dim=1)
-
-
 def cache_lengths(cache) -> list[int]:
     """Cached positions per layer."""
     return [cache.get_seq_length(i) for i in range(len(cache))]
@@ -116,55 +104,45 @@ def rewind(cache, length: int) -> None:
         cache.crop(length - n)
 
 
-# ---------------------------------------------------------------- timing them
+# ---------------------------------------------------------------- the runtime the timing loop steps
 
-def time_workload(model, workload: Workload, *, device: str | torch.device | None = None, seed: int = 0,
-                  metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict[str, Timing]:
-    """Time `metrics` (default: ttft, tpot, and the workload's own metric) for `workload`.
+class Steps:
+    """The model's KV cache between steps (`profilers.timing.time_steps`)."""
 
-    `measure_kwargs` go to `timing.measure` (warmup, min_repeats, max_repeats, max_seconds,
-    rel_tol, ...). Returns {metric: Timing}, seconds.
-    """
+    def __init__(self, model):
+        self.model, self.kwargs, self.cache = model, prefill_kwargs(model), None
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **self.kwargs)
+        self.cache = out.past_key_values
+        return next_token(out.logits)
+
+    @torch.inference_mode()
+    def decode(self, token: torch.Tensor) -> torch.Tensor:
+        return decode_step(self.model, token, self.cache)
+
+    def rewind(self, length: int) -> None:
+        if length == 0:
+            self.cache = None  # a fresh cache, as a new request has
+        else:
+            rewind(self.cache, length)
+
+
+def open(path: str | Path, workload: Workload, metrics: tuple[str, ...] | None = None, *, threads: int | None = None,
+         seed: int = 0, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> Opened:
+    """The exported directory loaded by transformers on `device`, its threads pinned until `close`."""
+    model = load_artifact(path, device, dtype)
     metrics, _ = workload.timed(metrics, getattr(model.config, "max_position_embeddings", None),
                                 "max_position_embeddings")
-    dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    if dev.type == "cuda":
-        measure_kwargs.setdefault("sync", lambda: torch.cuda.synchronize(dev))
-
+    dev = resolve_device(device)
+    pin = pinned_threads(threads)
+    n = pin.__enter__()
     ids = torch.from_numpy(workload.prompt_ids(model.config.vocab_size, seed)).to(dev)
-    kwargs = prefill_kwargs(model)
-    out: dict[str, Timing] = {}
-    with torch.inference_mode():
-        for metric in metrics:
-            if metric == "ttft":
-                out[metric] = measure(lambda: prefill(model, ids, **kwargs)[0], **measure_kwargs)
-            elif metric == "tpot":
-                token, cache = prefill(model, ids, **kwargs)
-                P = workload.prompt_len
-                out[metric] = measure(lambda: decode_step(model, token, cache), setup=lambda: rewind(cache, P),
-                                      **measure_kwargs)
-                del cache
-            else:
-                out[metric] = measure(lambda: generate(model, ids, workload.gen_len, **kwargs), **measure_kwargs)
-    return out
-
-
-def profile_artifact(path: str | Path, workload: Workload, *, threads: int | None = None,
-                     device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, seed: int = 0,
-                     metrics: tuple[str, ...] | None = None, **measure_kwargs) -> dict:
-    """Load the artifact, pin threads, record the environment, time the workload.
-
-    Returns a JSON-serialisable record: {"workload", "timings": {metric: Timing fields},
-    "environment", "artifact", "runtime", "measure"}.
-    """
-    path = Path(path)
-    model = load_artifact(path, device, dtype)
-    with pinned_threads(threads) as n:
-        env = environment()  # inside the pin: records the thread count the run uses
-        timings = time_workload(model, workload, device=device, seed=seed, metrics=metrics, **measure_kwargs)
     runtime = {
-        "flow": FLOW, "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
+        "flow": "pytorch", "device": str(device), "dtype": str(model.dtype).removeprefix("torch."),
         "threads": n, "model_type": model.config.model_type, "class": type(model).__name__,
         "prefill_kwargs": prefill_kwargs(model), "seed": seed,
     }
-    return profile_record(path, workload, timings, env, runtime, measure_kwargs)
+    sync = {"sync": lambda: torch.cuda.synchronize(dev)} if dev.type == "cuda" else {}
+    return Opened(Steps(model), ids, runtime, n, metrics, sync, close=lambda: pin.__exit__(None, None, None))
