@@ -18,6 +18,7 @@ from ...io import read_json
 from ...manifest import package_versions
 from ...shared_types import Workload
 from ..base import Opened
+from .module import load_custom_ops
 from .writer import CONFIG_FILE, METHOD, MODEL_FILE
 
 
@@ -34,6 +35,7 @@ def method(out_dir: Path, threads: int = 1):
     from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
     from executorch.runtime import Runtime
 
+    load_custom_ops()  # the program calls llama::update_cache / llama::custom_sdpa by name
     _unsafe_reset_threadpool(threads)
     return Runtime.get().load_program(str(Path(out_dir) / MODEL_FILE)).load_method(METHOD)
 
