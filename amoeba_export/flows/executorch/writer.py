@@ -1,15 +1,16 @@
 """The ExecuTorch writer: `model.pte`, one program lowered to XNNPACK with its KV cache inside.
 
 The module is the transformers model of the dense model (`pytorch.in_memory`: stock
-`LlamaForCausalLM`, or `amoeba_llama` for per-layer sizes) behind transformers' static-cache export
-wrapper, so the cache is a set of mutable buffers of the program (one per layer, each with that
-layer's own KV-head count). The program's one method, `forward`, is
+`LlamaForCausalLM`, or `amoeba_llama` for per-layer sizes) run by `module.CachedLM` over a static
+cache that ExecuTorch's `llama::update_cache` / `llama::custom_sdpa` operators write and read: mutable
+buffers of the program, one pair per layer, each with that layer's own KV-head count. The program's
+one method, `forward`, is
 
     forward(input_ids int64 [batch, T], cache_position int64 [T]) -> logits float [batch, T, vocab]
 
 with T dynamic (1 .. max_cache_len): a prefill writes T positions into the cache from
 `cache_position[0]` on, a decode step writes one. See docs/flow-executorch.md for the I/O, the cache
-and the traps (strict export, per-layer cache shapes).
+and the traps (strict export, the custom operators' library).
 """
 from __future__ import annotations
 
