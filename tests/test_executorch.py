@@ -78,6 +78,8 @@ def test_program_matches_reference(kind, exported):
     logits += [steps.run(rows[:, t:t + 1]) for t in range(20, 22)]
     stepped = (torch.cat(logits, 1) - ref[:workload.batch]).abs().max().item()
     print(f"{kind}: lowering {seconds:.1f} s, max |dlogit| all positions {full:.2e}, prefill + decode {stepped:.2e}")
+    tiny.record_parity("executorch", "tiny_llama3" if kind == "uniform" else "tiny_gqa", dense.uniform, "float32",
+                       max(full, stepped))
     assert stepped < TOL
     # rewind: slot 21 still holds token 21, but the mask hides it from position 20
     steps.rewind(20)
@@ -138,4 +140,5 @@ def test_default_model_pruned_shape(tmp_path, default_elastic):
     logits = [steps.run(ids[:, :n - 2])] + [steps.run(ids[:, t:t + 1]) for t in range(n - 2, n)]
     stepped = (torch.cat(logits, 1) - ref).abs().max().item()
     print(f"lowering {seconds:.1f} s, max |dlogit| all-positions {full:.2e}, prefill+decode {stepped:.2e}")
+    tiny.record_parity("executorch", "SmolLM2-135M 24x0.75", dense.uniform, "float32", max(full, stepped))
     assert max(full, stepped) < FLOW.tolerance["float32"]
