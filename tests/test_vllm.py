@@ -232,7 +232,7 @@ def test_parity(vllm_run, name):
     r = vllm_run[name]
     assert r["record"]["layout"] == {"uniform": "LlamaForCausalLM", "per-layer": "DeciLMForCausalLM"}[name]
     diff = float(np.abs(r["got"] - r["ref"]).max())
-    tiny.record_parity("vllm", f"head_dim-32 tiny {name}", name == "uniform", "float32", diff)
+    tiny.record_parity("vllm", "tiny (head_dim 32)", name == "uniform", "float32", diff)
     print(f"\n{name}: max |Δlogit| {diff:.2e}")
     assert r["got"].shape == r["ref"].shape
     assert diff < TOL
