@@ -61,7 +61,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 test: lint setup-gguf
-	@echo "running the tests (about 25 min on 2 cores): tiny random models on every flow, then the real default model"
+	@echo "running the tests (about 35 min on 2 cores): tiny random models on every flow, then the real default model"
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: lint setup-gguf
