@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GGUF_STAMP := $(VENV)/.installed-gguf
 # llama-cpp-python ships only as source: its wheel is built once, portable (GGML_NATIVE=OFF: the native
-# build crashes on quantised models on some CPUs, docs/flow-formats.md §6.2), and cached outside the checkout.
+# build crashes on quantised models on some CPUs, docs/flow-internals.md §6.2), and cached outside the checkout.
 LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/amoeba-export/wheels
 LLAMA_STAMP := $(WHEELS)/.llama-cpp-python-$(LLAMA_CPP)-portable

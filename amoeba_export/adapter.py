@@ -1,7 +1,7 @@
 """The adapter interface: what materialize and the reference forward need from a fine-tuned adapter.
 
 For a fixed shape an adapter is, per kept layer and projection, one low-rank update
-`ΔW = scale · B @ A` (for SMOL, A and B are the gate-mixed expert matrices of docs/amoeba-method.md §5-§6, so the
+`ΔW = scale · B @ A` (for SMOL, A and B are the gate-mixed expert matrices of docs/amoeba-algorithm.md §5-§6, so the
 cross-expert terms are included). Materialize merges it into the dense weight in fp32; the masked
 reference forward applies it unmerged, `y += scale · B (A x)`, so the two are independent checks of
 each other. `LoRA` here is one plain, shape-independent low-rank update per projection (a standard
@@ -73,7 +73,7 @@ class LoRADelta:
     scale: float
 
     def weight(self) -> torch.Tensor:
-        """The dense update in fp32 (docs/amoeba-method.md §6: merge in fp32, then cast)."""
+        """The dense update in fp32 (docs/amoeba-algorithm.md §6: merge in fp32, then cast)."""
         return self.scale * (self.B.double() @ self.A.double()).float()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

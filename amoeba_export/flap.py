@@ -1,4 +1,4 @@
-"""FLAP importance and bias compensation (docs/amoeba-method.md §3), shared by calibration and legalize.
+"""FLAP importance and bias compensation (docs/amoeba-algorithm.md §3), shared by calibration and legalize.
 
 Scores: MLP channel `F_j·‖W_down[:, j]‖²`; attention channel `(F_j·‖W_o[:, j]‖²)²`; z-scored within
 each layer and module; a head's score is the mean over its head_dim channels (F_j, μ_j: variance and

@@ -71,7 +71,7 @@ def legalize(dense: DenseModel, caps: FlowCaps, *, flow: str, layout: str = "aut
 
     - `native`: the shape as calibrated (per-layer sizes need `caps.per_layer`), n_ff rounded up per
       layer to the quantiser's block with zero channels;
-    - `pad`: exact zero-padding to one size for every layer (docs/flow-formats.md §2): the most query heads
+    - `pad`: exact zero-padding to one size for every layer (docs/flow-internals.md §2): the most query heads
       per KV group, KV heads and channels of any layer (channels rounded to the block);
     - `uniform`: re-selection to one size per layer by FLAP importance (`uniform_shape`); not exact,
       the perplexity change is measured;

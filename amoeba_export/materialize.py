@@ -5,12 +5,12 @@ rows of q/k/v and gate/up and columns of o and down are sliced, and the compensa
 o_proj / down_proj biases. Memory holds one weight at a time, so a 7B model exports in well under
 its own size.
 
-Two exact paddings happen here, because no runtime can express their absence (docs/flow-formats.md §2):
+Two exact paddings happen here, because no runtime can express their absence (docs/flow-internals.md §2):
 - GQA groups: runtimes map query head i to KV head i // G with one G per layer. When FLAP keeps an
   uneven number of query heads per KV group, each kept group is filled up to the largest group
   with zero query heads (zero q rows, zero o columns: their output is discarded exactly).
 - Empty sub-blocks: a layer with no kept head (or channel) keeps one zero head (or channel), so the
-  block still adds its compensation bias (docs/amoeba-method.md §6).
+  block still adds its compensation bias (docs/amoeba-algorithm.md §6).
 Both are counted in `DenseModel.record["padding"]`.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """score: the AccuracyTable, per shape held-out perplexity and multiple-choice accuracy.
 
 Accuracy does not depend on the device, so the table is built once per (model, strategy, eval set)
-and shared by every target and flow (docs/amoeba-method.md §9). It lives beside the strategy
+and shared by every target and flow (docs/amoeba-algorithm.md §9). It lives beside the strategy
 (`default_path`), so the shipped strategy ships with its table and search never has to score.
 
 Every shape is scored with the masked reference forward (`ElasticModel.logits_fn`), the same

@@ -7,7 +7,7 @@ latency is at most the budget.
 
 Two searches run and must agree:
 
-- *Hierarchical* (docs/amoeba-method.md §9): prune whole depths by their fastest variant, then pick a
+- *Hierarchical* (docs/amoeba-algorithm.md §9): prune whole depths by their fastest variant, then pick a
   width per surviving depth. It needs fewer latency values than there are shapes, which matters
   when each value is a build plus a measurement on a slow device (Jetson). `SearchResult.evaluated`
   says how many it needed.
@@ -275,7 +275,7 @@ def _exhaustive(shapes: list[Shape], score: dict[Shape, float], latency: dict[Sh
 
 def _hierarchical(shapes: list[Shape], score: dict[Shape, float], latency: dict[Shape, float],
                   budget_s: float) -> tuple[Shape | None, set[Shape], list[int]]:
-    """The hierarchical search of docs/amoeba-method.md §9, made exact. Returns (winner, shapes whose
+    """The hierarchical search of docs/amoeba-algorithm.md §9, made exact. Returns (winner, shapes whose
     latency was read, fallback depths).
 
     Assumed, and checked on the table before it is relied on: at a fixed depth, latency does not

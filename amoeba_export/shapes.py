@@ -1,7 +1,7 @@
 """Shapes: one point (depth, width) of the trained shape space.
 
 A shape names a subnet: `depth` = decoder layers kept, `width` = the calibrated width ratio whose
-head and channel masks apply. Widths are exact floats used as keys everywhere (docs/amoeba-method.md §1),
+head and channel masks apply. Widths are exact floats used as keys everywhere (docs/amoeba-algorithm.md §1),
 so parsing snaps a user's "0.75" or "3/4" onto the space's own value.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class FlowCaps:
-    """What a flow's runtime accepts (docs/flow-formats.md §1)."""
+    """What a flow's runtime accepts (docs/flow-internals.md §1)."""
 
     per_layer: bool  # per-layer head / KV-head / channel counts, natively
     o_down_bias: bool  # o_proj and down_proj biases

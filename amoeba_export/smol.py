@@ -1,4 +1,4 @@
-"""SMOL: AmoebaLLM's shape-aware mixture of LoRAs (docs/amoeba-method.md §5-§6) as an `Adapter`.
+"""SMOL: AmoebaLLM's shape-aware mixture of LoRAs (docs/amoeba-algorithm.md §5-§6) as an `Adapter`.
 
 Every adapted projection holds E LoRA experts, A_i [r, in] and B_i [out, r]. One global router sees
 only the shape: x = concat(S_d, onehot(w)), where S_d is the kept-layer mask over the base model's
@@ -10,7 +10,7 @@ g_i g_j B_i A_j: it is not Σ g_i s B_i A_i.
 
 The gate depends on the shape only, never on the tokens, so for one shape it is a constant and
 merging it is exact. Export uses the noise-free gate and records it in the manifest, with the
-top-k margin and the noise scale (docs/amoeba-method.md §6: a margin small against softplus(noise) marks
+top-k margin and the noise scale (docs/amoeba-algorithm.md §6: a margin small against softplus(noise) marks
 a shape where the repo's noisy evaluation could have picked other experts).
 
 Binding: a shape names a depth, and only the strategy knows which layers that depth keeps. The
@@ -182,7 +182,7 @@ class SMOL(Adapter):
                         "ElasticModel with a strategy (or call bind(strategy))")
 
     def width_index(self, width: float) -> int:
-        """Position of `width` in the one-hot (the exact trained values; docs/amoeba-method.md §1)."""
+        """Position of `width` in the one-hot (the exact trained values; docs/amoeba-algorithm.md §1)."""
         best = min(range(len(self.width_choice)), key=lambda i: abs(self.width_choice[i] - width))
         if abs(self.width_choice[best] - width) > WIDTH_TOLERANCE:
             raise UserError(f"width {format_width(width)} is not one the SMOL adapter was trained for (width_choice "
@@ -260,7 +260,7 @@ class SMOL(Adapter):
         ranked = sorted(z.tolist(), reverse=True)
         return {
             "kind": "smol",
-            "deterministic": True,  # noise-free gate (docs/amoeba-method.md §6)
+            "deterministic": True,  # noise-free gate (docs/amoeba-algorithm.md §6)
             "gate": g.tolist(),
             "experts": chosen,
             "width_index": self.width_index(shape.width),
@@ -369,7 +369,7 @@ class SMOL(Adapter):
     @classmethod
     def init(cls, info: dict, width_choice, *, r: int = 64, alpha: float = 16.0, n_experts: int = 5, top_k: int = 2,
              targets=PROJECTIONS, router_hidden: int = 16, seed: int = 0) -> "SMOL":
-        """The training start (docs/amoeba-method.md §5): every A Kaiming-uniform, every B zero (so the adapted
+        """The training start (docs/amoeba-algorithm.md §5): every A Kaiming-uniform, every B zero (so the adapted
         model starts as the stage-1 model exactly), the router's three linears with PyTorch's
         default Linear init."""
         n_in = info["n_layers"] + len(width_choice)

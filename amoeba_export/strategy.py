@@ -5,7 +5,7 @@ Stored as `strategy.json` (model description, kept layers per depth, metadata) p
 the FLAP compensation biases of o_proj and down_proj [L, hidden]). Never pickle.
 
 Per-layer sizes are explicit: a layer's kept KV heads are the groups that still have a kept query
-head (the GQA generalisation, docs/amoeba-method.md §1), recorded by `LayerWidth.kv_heads`.
+head (the GQA generalisation, docs/amoeba-algorithm.md §1), recorded by `LayerWidth.kv_heads`.
 """
 from __future__ import annotations
 

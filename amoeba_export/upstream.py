@@ -1,7 +1,7 @@
 """Import upstream AmoebaLLM files: the selection strategy (`dp_selection_strategy.npy`) and the
-released fine-tuned checkpoint (`checkpoint-N/adapter_model/`, docs/amoeba-method.md §8).
+released fine-tuned checkpoint (`checkpoint-N/adapter_model/`, docs/amoeba-algorithm.md §8).
 
-The upstream file is a 0-d numpy object array holding a pickled dict (docs/amoeba-method.md §4):
+The upstream file is a 0-d numpy object array holding a pickled dict (docs/amoeba-algorithm.md §4):
 
     {'strategy':   {m: float array(L) of 0/1},            m = number of removed layers
      'metric':     {m: float},
@@ -9,7 +9,7 @@ The upstream file is a 0-d numpy object array holding a pickled dict (docs/amoeb
      'bias':       {module: None | {ratio: float array(hidden)}}}
 
 `np.load(..., allow_pickle=True)` on such a third-party file would run whatever code its pickle
-names (docs/amoeba-method.md §4), so `restricted_load_npy` parses the .npy header itself and unpickles
+names (docs/amoeba-algorithm.md §4), so `restricted_load_npy` parses the .npy header itself and unpickles
 the payload with an unpickler that can only rebuild numpy arrays, numpy scalars and dtypes; plain
 containers (dict, list, tuple, str, int, float, bool, None) have their own pickle opcodes and never
 reach `find_class`.
@@ -17,8 +17,8 @@ reach `find_class`.
 `import_dp_strategy` turns the dict into our `Strategy`: depth d = L - m keeps the layers whose
 mask bit is 1 (depth L, all layers, is added as upstream does at load time), and each width ratio
 becomes per-layer query-head masks, MLP-channel masks and the FLAP compensation biases of o_proj
-and down_proj. Stored masks are kept exactly, even at ratio 1 (docs/amoeba-method.md §3: FLAP drops one unit
-there); ratio keys are snapped onto the exact width_choice values (docs/amoeba-method.md §1).
+and down_proj. Stored masks are kept exactly, even at ratio 1 (docs/amoeba-algorithm.md §3: FLAP drops one unit
+there); ratio keys are snapped onto the exact width_choice values (docs/amoeba-algorithm.md §1).
 
 `import_adapter` reads the checkpoint's mixture of LoRAs into a `SMOL` (safetensors only; sizes
 from the tensors, the router's input width included), and `import_checkpoint` pairs it with the
@@ -379,7 +379,7 @@ def import_dp_strategy(npy_path, model: dict, width_choice: list[float] | None =
 # --------------------------------------------------------------------------- the released checkpoint
 
 CHECKPOINT_SOURCE = "upstream AmoebaLLM checkpoint"
-_ROUTER_NAMES = {  # our SMOL router tensor -> the upstream name (docs/amoeba-method.md §8)
+_ROUTER_NAMES = {  # our SMOL router tensor -> the upstream name (docs/amoeba-algorithm.md §8)
     "w1": "base_model.lora_sparsemoe.router.topkroute_linear.0.weight",
     "b1": "base_model.lora_sparsemoe.router.topkroute_linear.0.bias",
     "w2": "base_model.lora_sparsemoe.router.topkroute_linear.1.weight",
@@ -392,7 +392,7 @@ _EXPERT_RE = re.compile(
     r"\.lora_([AB])\.(\d+)\.weight"
 )
 # Frozen embeddings PEFT saves beside the adapter when the vocabulary was resized (the [PAD] row
-# that makes LLaMA2's 32000 tokens 32001, docs/amoeba-method.md §8). They are not trained, so nothing is lost
+# that makes LLaMA2's 32000 tokens 32001, docs/amoeba-algorithm.md §8). They are not trained, so nothing is lost
 # by keeping the base model's own embeddings, which also drops the [PAD] row.
 _EMBED_RE = re.compile(r"base_model\.model\.(?:model\.embed_tokens|lm_head)\.weight")
 
@@ -420,7 +420,7 @@ def parse_width_choice(value, where: str) -> list[float]:
 
 def import_adapter(directory, model: dict, width_choice: list[float] | None = None):
     """The upstream mixture-of-LoRA adapter (adapter_config.json + adapter_model.safetensors with the
-    tensor names of docs/amoeba-method.md §8) as a SMOL, for the base model `model`.
+    tensor names of docs/amoeba-algorithm.md §8) as a SMOL, for the base model `model`.
 
     Sizes come from the tensors: the expert count from the expert indices and the router, the rank
     from lora_A, and the router's input width from topkroute_linear.0.weight. That width minus the
@@ -532,7 +532,7 @@ def import_adapter(directory, model: dict, width_choice: list[float] | None = No
 def import_checkpoint(checkpoint_dir, npy_path, model: dict, width_choice: list[float] | None = None):
     """(Strategy, SMOL) from a released AmoebaLLM checkpoint and its dp_selection_strategy.npy.
 
-    The strategy's width keys are snapped onto the adapter's own width_choice (docs/amoeba-method.md §1), so the
+    The strategy's width keys are snapped onto the adapter's own width_choice (docs/amoeba-algorithm.md §1), so the
     masks and the router's one-hot agree exactly. Widths the router has no input for are dropped
     from the strategy, and listed in its meta, since no gate exists for them.
     """

@@ -9,7 +9,7 @@ say why not."
         [--seq-len 512] [--seed 0] [--json out.json] [--threads N] [--no-calib-ppl] [--no-verify]
 
 Methods, for a target depth d of an L-layer model (m = L - d layers removed):
-  DP                  the kept layers stored in the strategy (docs/amoeba-method.md §2: the AmoebaLLM
+  DP                  the kept layers stored in the strategy (docs/amoeba-algorithm.md §2: the AmoebaLLM
                       dynamic program, scored on calibration text; the last `keep_last` layers are
                       always kept).
   last-m              plain truncation: keep layers 0..d-1 (drops the last m layers, final one too).

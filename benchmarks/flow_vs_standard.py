@@ -14,7 +14,7 @@ directory of the same shape, converted by the flow's own tool, at the same weigh
 
 The standard tools take one size for every layer. No uniform shape of the shipped strategy is near
 half the parameters (depth-only shapes stop at 19x1.0, 71%), so the standard tools get the subnet
-zero-padded to one size per layer (`--layout pad`: exact, docs/flow-formats.md §2): the model they
+zero-padded to one size per layer (`--layout pad`: exact, docs/flow-internals.md §2): the model they
 can run for it. The table gives both parameter counts.
 
 Every artifact is timed by the same loop (`profilers.timing.time_steps`, one decode step over a

@@ -101,7 +101,7 @@ def write_model(model_dir: Path) -> None:
 
 
 def upstream_doc(L: int, with_width: bool, seed: int = SEED) -> dict:
-    """An upstream dp_selection_strategy dict (docs/amoeba-method.md §4): depth masks for DEPTHS, and with
+    """An upstream dp_selection_strategy dict (docs/amoeba-algorithm.md §4): depth masks for DEPTHS, and with
     `with_width` a 0.75 width whose head and channel counts differ per layer."""
     import numpy as np
 

@@ -33,7 +33,7 @@ BITS_PER_WEIGHT = {
     "Q6_K": (6.5625, "GGUF Q6_K block: 210 bytes / 256 weights"),
     "q4f16_1": (
         4.5,
-        "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/flow-formats.md §7.2; docs/devices.md §3)",
+        "MLC q4f16_1: int4 + one fp16 scale per 32 weights (docs/flow-internals.md §7.2; docs/devices.md §3)",
     ),
     "q4f32_1": (5.0, "MLC q4f32_1: int4 + one fp32 scale per 32 weights"),
     "q0f16": (16.0, "MLC q0f16"),

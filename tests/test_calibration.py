@@ -37,7 +37,7 @@ def test_dp_candidate_score_equals_masked_reference(tiny_gqa):
 
 
 def test_dp_follows_the_upstream_recurrence():
-    """Against a direct transcription of docs/amoeba-method.md §2 with a synthetic additive metric."""
+    """Against a direct transcription of docs/amoeba-algorithm.md §2 with a synthetic additive metric."""
     L, k, dmin = 7, 1, 3
     cost = np.array([0.5, 0.1, 0.9, 0.2, 0.05, 0.3, 0.7])
     calls = []

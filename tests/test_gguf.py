@@ -225,7 +225,7 @@ def test_quant_sizes_are_checked(tiny_gqa, tmp_path):
 
 def test_build_kquant_mechanics_on_tiny(tiny_gqa, tmp_path):
     """build() runs llama.cpp's quantiser in place. The tiny rows (64, 96) are not multiples of
-    256, so llama.cpp falls back to other types (docs/flow-formats.md §6.2); the record says which."""
+    256, so llama.cpp falls back to other types (docs/flow-internals.md §6.2); the record says which."""
     em = ElasticModel(tiny_gqa, tiny.random_strategy(tiny_gqa, seed=3))
     shape = em.strategy.space.largest
     export(em, shape, tmp_path / "k")

@@ -2,7 +2,7 @@
 
 - apache-tvm's own reader (`tvm.contrib.tvmjs.load_tensor_cache`) reads what `emit` writes, and
   tvm's own writer, given the same tensors, writes byte-identical shards (the sharding rule);
-- q4f16_1 is checked bit for bit against an independent NumPy reading of docs/flow-formats.md §7.2 (and the
+- q4f16_1 is checked bit for bit against an independent NumPy reading of docs/flow-internals.md §7.2 (and the
   quantiser's arithmetic against a TVM CPU kernel of the same formula);
 - `load` (NumPy forward over the cache, un-fused to HF names) is compared with a PyTorch forward of
   the same legalised model with the same stored weights: q0f32 the model itself, q0f16 its weights
@@ -48,7 +48,7 @@ def emit(dense, out, tokenizer_dir, quant, workload=None):
     return mlc.emit(dense, out, tokenizer_dir, quant=quant, workload=workload).files
 
 
-# ---------------------------------------------------------------- the reference q4 (docs/flow-formats.md §7.2)
+# ---------------------------------------------------------------- the reference q4 (docs/flow-internals.md §7.2)
 
 def ref_quantize(w, dtype=np.float16):
     """§7.2 read independently: pad K to groups of 32, fp16 scale = max|w| / 7, q = round-half-even(w /

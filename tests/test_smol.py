@@ -272,7 +272,7 @@ ROUTER = "base_model.lora_sparsemoe.router"
 
 def write_upstream_checkpoint(root, info, width_choice="[1,7/8,3/4]", n_widths=3, E=3, r=4, alpha=16, seed=0):
     """`root/checkpoint-10/adapter_model/{adapter_config.json, adapter_model.safetensors}` in exactly
-    the upstream layout (docs/amoeba-method.md §8), plus Trainer files and an older checkpoint that must be
+    the upstream layout (docs/amoeba-algorithm.md §8), plus Trainer files and an older checkpoint that must be
     ignored. Returns the tensors as written."""
     from amoeba_export.adapter import projection_shape
 
@@ -291,7 +291,7 @@ def write_upstream_checkpoint(root, info, width_choice="[1,7/8,3/4]", n_widths=3
     t[f"{ROUTER}.topkroute_linear.1.bias"] = torch.randn(E, generator=g)
     t[f"{ROUTER}.noise_linear.weight"] = torch.randn(E, n_in, generator=g) * 0.3
     t[f"{ROUTER}.noise_linear.bias"] = torch.randn(E, generator=g) * 0.3
-    # PEFT saves the frozen embeddings when the vocabulary was resized (+1 [PAD] row, docs/amoeba-method.md §8)
+    # PEFT saves the frozen embeddings when the vocabulary was resized (+1 [PAD] row, docs/amoeba-algorithm.md §8)
     embed = torch.randn(tiny.VOCAB + 1, info["hidden_size"], generator=g)
     adapter = root / "checkpoint-10" / "adapter_model"
     adapter.mkdir(parents=True)

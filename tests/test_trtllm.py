@@ -1,4 +1,4 @@
-"""The TensorRT-LLM flow, checked without TensorRT-LLM (it cannot be installed here, docs/flow-formats.md §5.3).
+"""The TensorRT-LLM flow, checked without TensorRT-LLM (it cannot be installed here, docs/flow-internals.md §5.3).
 
 The unified checkpoint is read back by its TensorRT-LLM names (qkv split by head counts, fc =
 gate_proj, gate = up_proj) and run by the NumPy LLaMA forward; the HF directory beside it is loaded

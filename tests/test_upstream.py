@@ -62,7 +62,7 @@ def make_upstream(model: dict, ratios=(1.0, 0.875, 0.75), seed: int = 0, prefix:
         for i in range(L):
             if (
                 r == 1.0
-            ):  # FLAP at ratio 1 drops exactly one unit model-wide (docs/amoeba-method.md §3): head 2 of layer 1
+            ):  # FLAP at ratio 1 drops exactly one unit model-wide (docs/amoeba-algorithm.md §3): head 2 of layer 1
                 heads = np.ones(nq, bool)
                 if i == 1:
                     heads[2] = False

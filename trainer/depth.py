@@ -1,4 +1,4 @@
-"""Stage-1 depth: the dynamic-programming layer selection of AmoebaLLM (docs/amoeba-method.md §2), exactly.
+"""Stage-1 depth: the dynamic-programming layer selection of AmoebaLLM (docs/amoeba-algorithm.md §2), exactly.
 
 Layers are visited from the back. Cell (n, m) holds the best mask that removes m layers among the
 last n eligible ones; it either keeps layer ℓ = N − n (copy of cell (n−1, m)) or removes it on top

@@ -1,4 +1,4 @@
-"""The stage-2 objective (docs/amoeba-method.md §7): sandwich sampling, in-place distillation and
+"""The stage-2 objective (docs/amoeba-algorithm.md §7): sandwich sampling, in-place distillation and
 loss-magnitude balancing, plus the MLFS stage schedule.
 
 Sandwich: per micro-batch the largest shape, K random shapes and the smallest. Upstream draws the

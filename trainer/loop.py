@@ -1,4 +1,4 @@
-"""`amoeba-export train`: one-for-all fine-tuning of a SMOL adapter (docs/amoeba-method.md §5-§7) on HF accelerate.
+"""`amoeba-export train`: one-for-all fine-tuning of a SMOL adapter (docs/amoeba-algorithm.md §5-§7) on HF accelerate.
 
 One process runs it on a CPU or a GPU; `accelerate launch` runs the same command on several GPUs
 (DDP: every process takes its own rows of each step, gradients are averaged). The base model is

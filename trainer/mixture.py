@@ -1,7 +1,7 @@
 """SMOL as trainable parameters, and the elastic model's masked forward with the mixture applied.
 
 `Mixture` holds a SMOL adapter's router and experts as `nn.Parameter`s. Its gate is the one of
-docs/amoeba-method.md §5, differentiable: z = W2(W1 x + b1) + b2, plus ε ⊙ softplus(Wn x + bn) while training
+docs/amoeba-algorithm.md §5, differentiable: z = W2(W1 x + b1) + b2, plus ε ⊙ softplus(Wn x + bn) while training
 (ε from the step's generator), top-k, softmax over the selected experts. Gradients reach the
 selected experts through the mixed weights and the router through g (the noise scale through the
 noisy logits), as upstream trains them; unselected experts get none that step. One expert with

@@ -1,4 +1,4 @@
-"""Stage-1 width: FLAP importance, selection and bias compensation (docs/amoeba-method.md §3), generalised to GQA.
+"""Stage-1 width: FLAP importance, selection and bias compensation (docs/amoeba-algorithm.md §3), generalised to GQA.
 
 Statistics: for every input channel j of o_proj and down_proj, the mean μ_j and variance F_j over
 all calibration tokens of the unpruned model (exact per-token variance; upstream's running

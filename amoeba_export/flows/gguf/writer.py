@@ -1,4 +1,4 @@
-"""The llama.cpp flow: one `model.gguf` (docs/flow-formats.md §6).
+"""The llama.cpp flow: one `model.gguf` (docs/flow-internals.md §6).
 
 Uniform shapes use llama.cpp's `llama` arch; per-layer shapes use `deci`, whose graph reads head,
 KV-head and FFN counts per layer (head_dim stays global). Both use llama.cpp's NORM RoPE, which
@@ -289,7 +289,7 @@ def _no_vocab(writer, vocab_size: int, reason: str) -> dict:
 # ---------------------------------------------------------------- emit
 
 def metadata_keys(writer, dense: DenseModel, wtype) -> None:
-    """Model hyper-parameters. Per-layer sizes need `deci` (docs/flow-formats.md §6.3); n_ff = 0 would make
+    """Model hyper-parameters. Per-layer sizes need `deci` (docs/flow-internals.md §6.3); n_ff = 0 would make
     deci skip the layer's residual, so it is refused (materialize keeps >= 1)."""
     from gguf import GGML_QUANT_VERSION
     from gguf import GGMLQuantizationType as T

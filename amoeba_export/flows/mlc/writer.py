@@ -1,5 +1,5 @@
 """The MLC-LLM flow: an MLC weight directory plus the script that compiles its model library on the device
-(docs/flow-formats.md §7).
+(docs/flow-internals.md §7).
 
 `emit` writes what `mlc_llm convert_weight` + `mlc_llm gen_config` would: `params_shard_K.bin` and
 `tensor-cache.json` (also written as `ndarray-cache.json`, which MLC builds from before the 2025-09
@@ -39,7 +39,7 @@ from ..device import SCRIPT, run_script, skipped, write_script
 from ..pytorch.writer import copy_tokenizer, llama3_rope
 
 NAME = "mlc"
-# docs/flow-formats.md §7.5: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
+# docs/flow-internals.md §7.5: MLC's llama has no linear biases, one config for every layer, hidden % heads == 0;
 # q4 groups are 32 in-features (§3)
 CAPS = FlowCaps(per_layer=False, o_down_bias=False, quants=("q0f16", "q0bf16", "q0f32", "q4f16_1", "q4f32_1"),
                 align={"q4f16_1": 32, "q4f32_1": 32}, heads_divide_hidden=True)
@@ -71,7 +71,7 @@ GENERATION_DEFAULTS = {  # MLC's system defaults for what generation_config.json
 }
 
 
-# ---------------------------------------------------------------- q4 group quantisation (docs/flow-formats.md §7.2)
+# ---------------------------------------------------------------- q4 group quantisation (docs/flow-internals.md §7.2)
 
 def quantize_q4(w: np.ndarray, dtype=np.float16) -> tuple[np.ndarray, np.ndarray]:
     """MLC's q4fX_1 of a weight [N, K] (K = in-features): (q_weight uint32 [N, 4*ceil(K/32)], q_scale [N, ceil(K/32)]).
@@ -397,7 +397,7 @@ def sizes(max_positions: int | None, workload=None) -> dict:
 
 
 def chat_config(dense: DenseModel, tokenizer_dir: Path, quant: str, workload=None) -> dict:
-    """mlc-chat-config.json as `mlc_llm gen_config` writes it for this model (docs/flow-formats.md §7.3)."""
+    """mlc-chat-config.json as `mlc_llm gen_config` writes it for this model (docs/flow-internals.md §7.3)."""
     cfg, first = dense.config, dense.layers[0]
     theta, scaling = llama3_rope(cfg, NAME)
     if scaling is not None:
@@ -520,7 +520,7 @@ def _plan(out_dir: Path, target: dict, quant: str | None, workload) -> dict:
 
 
 def script(out_dir: Path, target: dict, quant: str | None = None, workload=None) -> list[str]:
-    """Write build.sh: `mlc_llm compile` of this directory for the target's device (docs/flow-formats.md §7.4)."""
+    """Write build.sh: `mlc_llm compile` of this directory for the target's device (docs/flow-internals.md §7.4)."""
     p = _plan(out_dir, target, quant, workload)
     name, lib = p["target"], p["library"]
     lines = [

@@ -1,7 +1,7 @@
 """The ONNX flow: `model.onnx` with KV-cache inputs and outputs, run by ONNX Runtime.
 
 The graph is torch.onnx's dynamo export of the transformers model (stock `LlamaForCausalLM`, or
-`amoeba_llama` for per-layer sizes), wrapped so that the KV cache is explicit I/O (docs/flow-formats.md
+`amoeba_llama` for per-layer sizes), wrapped so that the KV cache is explicit I/O (docs/flow-internals.md
 §8.2). A model that fits one file (under LARGE_BYTES) is built in memory with its weights by the
 PyTorch exporter's `in_memory`; a larger one is traced from zero-stride placeholder weights and its
 weights are streamed from `DenseModel.tensors()` into `model.onnx.data`, one at a time (each linear
@@ -62,7 +62,7 @@ OPT_DATA_FILE = "model.opt.onnx.data"
 CONFIG_FILE = "onnx_config.json"
 GENAI_DIR = "genai"
 LARGE_BYTES = 1536 * 2**20  # headroom under 2 GiB for the graph itself (torch.onnx uses the same)
-OPSET = 18  # docs/flow-formats.md §8.1; older ORT builds (JetPack's) load it too
+OPSET = 18  # docs/flow-internals.md §8.1; older ORT builds (JetPack's) load it too
 GENAI_TIMEOUT_S = 1800.0
 NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -356,7 +356,7 @@ def emit(dense: DenseModel, out_dir: Path, tokenizer_dir: Path, quant: str | Non
 # ---------------------------------------------------------------- ORT-GenAI
 
 def genai_blocker(dense: DenseModel) -> str | None:
-    """Why the ORT-GenAI builder cannot express `dense` (None: it can). docs/flow-formats.md §1, §8.3."""
+    """Why the ORT-GenAI builder cannot express `dense` (None: it can). docs/flow-internals.md §1, §8.3."""
     if not dense.uniform:
         return "per-layer sizes: the ORT-GenAI builder has one head count and MLP width for every layer"
     if not pytorch.stock_class(dense):

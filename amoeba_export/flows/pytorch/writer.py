@@ -1,6 +1,6 @@
 """The PyTorch flow: a Hugging Face directory (config.json, safetensors, tokenizer, generation config).
 
-Uniform shapes use the stock `LlamaForCausalLM` (no custom code; docs/flow-formats.md §4: explicit
+Uniform shapes use the stock `LlamaForCausalLM` (no custom code; docs/flow-internals.md §4: explicit
 `head_dim`, both RoPE spellings, zero q/k/v and gate/up biases where the bias flags require them).
 Per-layer shapes use `amoeba_llama` (`amoeba_export/modeling/amoeba_llama.py`): registered with
 the Auto classes by `import amoeba_export.modeling`, and also copied into the artifact with an

@@ -1,4 +1,4 @@
-"""The TensorRT-LLM flow: one directory that serves both TensorRT-LLM lines (docs/flow-formats.md §5).
+"""The TensorRT-LLM flow: one directory that serves both TensorRT-LLM lines (docs/flow-internals.md §5).
 
 - The directory itself is the Hugging Face directory of the PyTorch flow (stock `LlamaForCausalLM`):
   TensorRT-LLM 1.x's PyTorch backend loads it as it is (`trtllm-serve DIR`, `LLM(model=DIR)`).
@@ -38,7 +38,7 @@ from ..device import SCRIPT, run_script, skipped, write_script
 from ..pytorch import writer as pytorch
 
 NAME = "trtllm"
-# docs/flow-formats.md §1 and §5: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
+# docs/flow-internals.md §1 and §5: kernel head sizes; one size per layer (DeciLM's per-layer configs carry no
 # biases); the HF directory for the PyTorch backend is the stock class, so heads must divide hidden.
 # int4_awq groups 64 or 128 in-features (§3): n_ff is padded (exactly) to a multiple of 64.
 HEAD_DIMS = (32, 48, 64, 80, 96, 104, 112, 128, 144, 160, 192, 224, 256)
@@ -105,7 +105,7 @@ def checkpoint_dtype(dense: DenseModel, quant: str | None) -> torch.dtype:
 
 
 def unified_config(dense: DenseModel, dtype: torch.dtype) -> dict:
-    """config.json of the unified checkpoint (docs/flow-formats.md §5.2; PretrainedConfig + LLaMAConfig)."""
+    """config.json of the unified checkpoint (docs/flow-internals.md §5.2; PretrainedConfig + LLaMAConfig)."""
     cfg, s = dense.config, dense.layers[0]
     theta, _ = pytorch.rope(cfg)
     return {
@@ -223,7 +223,7 @@ same_model {out}
 """, out
     if cfg["mlp_bias"]:
         raise UserError(f"{quant} goes through TensorRT-LLM's convert_checkpoint.py, which drops this model's MLP "
-                        "(down_proj compensation) biases (docs/flow-formats.md §5.2): use int4_awq or float16")
+                        "(down_proj compensation) biases (docs/flow-internals.md §5.2): use int4_awq or float16")
     bits = quant.removeprefix("int").removesuffix("_wo")
     return (
         f"""
@@ -343,7 +343,7 @@ def script(out_dir: Path, target: dict, quant: str | None = None, workload=None)
     need_examples = "" if quant is None else (
         '\n[[ -n ${TRTLLM_EXAMPLES:-} ]] || die "TRTLLM_EXAMPLES is not set: export TRTLLM_EXAMPLES=<TensorRT-LLM '
         f'checkout of the installed version>/examples (its tools quantise to {quant})"\n')
-    # context FMHA has no float32 kernels and no head size 104 (docs/flow-formats.md §1)
+    # context FMHA has no float32 kernels and no head size 104 (docs/flow-internals.md §1)
     fmha = "disable" if dtype == "float32" or cfg["head_size"] == 104 else "enable"
     values = {
         "TARGET": target["name"],
