@@ -104,7 +104,6 @@ def lower(dense: DenseModel, batch: int, cache_len: int) -> bytes:
 
 def executorch_config(dense: DenseModel, batch: int, cache_len: int) -> dict:
     """What a runner needs besides the program: the method and its I/O, the cache, per-layer shapes."""
-    base = dense.config
     return {
         "format": "amoeba-export executorch",
         "schema": 1,
@@ -116,16 +115,7 @@ def executorch_config(dense: DenseModel, batch: int, cache_len: int) -> dict:
         "batch_size": batch,
         "max_cache_len": cache_len,
         "dtype": str(dense.dtype).removeprefix("torch."),
-        "vocab_size": dense.vocab_size,
-        "hidden_size": dense.hidden_size,
-        "num_hidden_layers": len(dense.layers),
-        "num_attention_heads": [s.n_heads for s in dense.layers],
-        "num_key_value_heads": [s.n_kv_heads for s in dense.layers],
-        "head_dim": [s.head_dim for s in dense.layers],
-        "max_position_embeddings": base.get("max_position_embeddings"),
-        "bos_token_id": base.get("bos_token_id"),
-        "eos_token_id": base.get("eos_token_id"),
-        "pad_token_id": base.get("pad_token_id"),
+        **dense.sizes(),
     }
 
 
